@@ -1,0 +1,127 @@
+"""Convert one GQA attention layer into GQLA weights (DESIGN.md sections 3 and 4).
+
+Shapes, for hidden ``D``, ``n_h`` query heads, ``n_g`` groups, head dim ``d``, RoPE dim ``d_R``,
+latent rank ``r``; ``d_nope = d_v = d``. All arithmetic is float64; callers cast on write.
+
+Output tensors (names relative to ``self_attn.``):
+  ``q_proj.weight [n_h (d + d_R), D]``       per head: d nope rows (the source query), d_R RoPE rows
+  ``kv_a_proj_with_mqa.weight [r + d_R, D]`` latent rows, then interleaved RoPE-key rows
+  ``kv_b_proj.weight [n_g (d + d), r]``      per group: nope-key rows, then value rows
+  and, when the source has q/k/v biases, the matching ``*.bias``.
+
+Biases: the query bias is carried exactly; the RoPE-key bias lands in ``kv_a_proj_with_mqa.bias``;
+the nope-key bias is dropped, exactly, because it adds the same amount to every score of a query
+(softmax is shift invariant); the value bias goes to ``kv_b_proj.bias`` (attention weights sum to one).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .lowrank import factorize, relative_error
+from .moments import InputMoment, augment
+from .rorope import rope_basis
+
+
+@dataclass
+class SourceAttention:
+    """One layer's GQA projections, as stored: ``wq[n_h*d, D]``, ``wk``/``wv`` ``[n_g*d, D]``."""
+
+    wq: torch.Tensor
+    wk: torch.Tensor
+    wv: torch.Tensor
+    n_heads: int
+    n_groups: int
+    head_dim: int
+    bq: torch.Tensor | None = None
+    bk: torch.Tensor | None = None
+    bv: torch.Tensor | None = None
+    softmax_scale: float | None = None  # None: 1/sqrt(head_dim)
+
+    @property
+    def has_bias(self) -> bool:
+        return self.bq is not None or self.bk is not None or self.bv is not None
+
+
+@dataclass
+class LayerSettings:
+    kv_lora_rank: int
+    qk_rope_head_dim: int
+    freqfold: int
+    balance_kv: bool = True
+
+
+@dataclass
+class ConvertedAttention:
+    tensors: dict[str, torch.Tensor]  # float64, names relative to self_attn.
+    report: dict[str, float] = field(default_factory=dict)
+
+
+def max_rank(n_groups: int, head_dim: int, rope_dim: int, hidden: int) -> int:
+    """Largest useful ``kv_lora_rank``: the joint nope-key/value map has rank at most this."""
+    return min(2 * n_groups * head_dim - rope_dim, hidden)
+
+
+def convert_attention(src: SourceAttention, moment: InputMoment, settings: LayerSettings) -> ConvertedAttention:
+    """Run RoRoPE/FreqFold, the RoPE/nope split, the joint K/V factorization and scale folding."""
+    n_h, n_g, d = src.n_heads, src.n_groups, src.head_dim
+    d_r, r = settings.qk_rope_head_dim, settings.kv_lora_rank
+    m = n_h // n_g
+    wq = augment(src.wq, src.bq).reshape(n_h, d, -1)  # [n_h, d, D+1]
+    wk = augment(src.wk, src.bk)  # [n_g*d, D+1]
+    wv = augment(src.wv, src.bv)
+
+    # 1-3. RoPE subspace from the key second moment, then the split.
+    key_gram = moment.gram(wk)
+    rb = rope_basis((key_gram + key_gram.T) / 2, n_g, d, d_r, settings.freqfold)
+    v_basis = rb.basis  # [n_g*d, d_R]
+    w_rope = v_basis.T @ wk  # [d_R, D+1] RoPE key, interleaved slots
+    w_nope = wk - v_basis @ w_rope  # [n_g*d, D+1] per-group nope keys
+    w_nope[:, -1] = 0.0  # nope-key bias: softmax-invariant, dropped
+    value_bias = wv[:, -1].clone()
+    wv = wv.clone()
+    wv[:, -1] = 0.0  # value bias travels exactly in kv_b_proj.bias
+
+    # 4. Joint latent.
+    joint = torch.cat((w_nope, wv), dim=0)  # [2*n_g*d, D+1]
+    row_weight = None
+    if settings.balance_kv:
+        e_k = float(torch.trace(moment.gram(w_nope)))
+        e_v = float(torch.trace(moment.gram(wv)))
+        if e_k > 0 and e_v > 0:
+            alpha = math.sqrt(e_v / e_k)
+            row_weight = torch.cat((torch.full((n_g * d,), alpha), torch.ones(n_g * d))).to(torch.float64)
+    fac = factorize(joint, moment, r, row_weight)
+    approx = fac.up @ fac.down
+    up_k = fac.up[: n_g * d].reshape(n_g, d, r)
+    up_v = fac.up[n_g * d :].reshape(n_g, d, r)
+
+    # 5. Queries: the source query as the nope part, its share of the RoPE slots, rescaled so that
+    # the softmax scale 1/sqrt(d + d_R) reproduces the source's.
+    src_scale = src.softmax_scale if src.softmax_scale is not None else 1 / math.sqrt(d)
+    q_mult = src_scale * math.sqrt(d + d_r)
+    v_groups = v_basis.reshape(n_g, d, d_r)
+    q_rope = torch.einsum("hdr,hdc->hrc", v_groups.repeat_interleave(m, dim=0), wq)  # [n_h, d_R, D+1]
+    q_all = torch.cat((wq, q_rope), dim=1) * q_mult  # [n_h, d + d_R, D+1]
+
+    out = {
+        "q_proj.weight": q_all[..., :-1].reshape(n_h * (d + d_r), -1),
+        "kv_a_proj_with_mqa.weight": torch.cat((fac.down[:, :-1], w_rope[:, :-1]), dim=0),
+        "kv_b_proj.weight": torch.cat((up_k, up_v), dim=1).reshape(n_g * 2 * d, r),
+    }
+    if src.has_bias:
+        out["q_proj.bias"] = q_all[..., -1].reshape(-1)
+        out["kv_a_proj_with_mqa.bias"] = torch.cat((fac.down[:, -1], w_rope[:, -1]))
+        kv_b_bias = torch.zeros(n_g, 2 * d, dtype=torch.float64)
+        kv_b_bias[:, d:] = value_bias.reshape(n_g, d)
+        out["kv_b_proj.bias"] = kv_b_bias.reshape(-1)
+    report = {
+        "rope_energy_kept": rb.energy_kept,
+        "kv_energy_captured": fac.captured,
+        "key_nope_rel_error": relative_error(w_nope, approx[: n_g * d], moment),
+        "value_rel_error": relative_error(wv, approx[n_g * d :], moment),
+    }
+    return ConvertedAttention(tensors=out, report=report)

@@ -1,0 +1,52 @@
+"""Rank-``r`` factorization of the joint key/value map ``W ~ B A`` (DESIGN.md section 3, step 4).
+
+``A`` becomes ``W_DKV`` (the latent every group shares) and the row blocks of ``B`` the per-group
+up-projections. The optimum of ``E || L (W - B A) x ||^2`` over rank-``r`` ``B A`` is closed form:
+with ``L`` diagonal (row weights, TransMLA's K/V balance is one) it is the top-``r`` eigenvectors
+``Q`` of ``L W C W^T L`` and ``A = Q^T L W``, ``B = L^-1 Q``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .moments import InputMoment
+
+
+@dataclass
+class Factorization:
+    up: torch.Tensor  # B [m, r]
+    down: torch.Tensor  # A [r, D+1]
+    captured: float  # fraction of the (weighted) output energy kept
+
+
+def top_eigvecs(sym: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``rank`` eigenpairs of a symmetric matrix, descending, with a deterministic sign."""
+    vals, vecs = torch.linalg.eigh(sym)
+    order = torch.argsort(vals, descending=True, stable=True)[:rank]
+    vals, vecs = vals[order], vecs[:, order]
+    pivot = vecs.abs().argmax(dim=0)
+    vecs = vecs * torch.sign(vecs[pivot, torch.arange(vecs.shape[1])])[None, :]
+    return vals, vecs
+
+
+def factorize(weight: torch.Tensor, moment: InputMoment, rank: int, row_weight: torch.Tensor | None = None) -> Factorization:
+    """Factorize ``weight[m, D+1]`` at ``rank`` under input moment ``moment``, rows scaled by ``row_weight``."""
+    w = weight if row_weight is None else weight * row_weight[:, None]
+    gram = moment.gram(w)
+    gram = (gram + gram.T) / 2
+    vals, q = top_eigvecs(gram, rank)
+    captured = float(vals.clamp_min(0).sum() / torch.trace(gram).clamp_min(1e-300))
+    down = q.T @ w
+    up = q if row_weight is None else q / row_weight[:, None]
+    return Factorization(up=up, down=down, captured=captured)
+
+
+def relative_error(weight: torch.Tensor, approx: torch.Tensor, moment: InputMoment) -> float:
+    """``E||(W - W~) x||^2 / E||W x||^2`` under the input moment."""
+    diff = weight - approx
+    num = torch.trace(moment.gram(diff))
+    den = torch.trace(moment.gram(weight)).clamp_min(1e-300)
+    return float(num / den)

@@ -1,0 +1,1 @@
+"""Plain-torch reference decoders: GQLA with both decoding paths (and their caches)."""

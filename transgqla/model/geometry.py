@@ -1,0 +1,67 @@
+"""GQLA layer geometry as read from a GQLA ``config.json``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..mathx.rope import inv_freq, rope_settings
+
+
+@dataclass
+class GQLAGeometry:
+    hidden: int
+    n_heads: int
+    n_groups: int
+    d_nope: int
+    d_rope: int
+    d_v: int
+    rank: int
+    n_layers: int
+    eps: float
+    freqs: torch.Tensor  # [d_rope/2] float64, rad/token, scaling applied
+    sliding_window: int | None
+    hidden_act: str
+    tie_embeddings: bool
+
+    @property
+    def softmax_scale(self) -> float:
+        return 1.0 / math.sqrt(self.d_nope + self.d_rope)
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.n_heads // self.n_groups
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> "GQLAGeometry":
+        base, scaling = rope_settings(cfg)
+        d_rope = int(cfg["qk_rope_head_dim"])
+        window = cfg.get("sliding_window")
+        if cfg.get("use_sliding_window") is False:
+            window = None
+        return cls(
+            hidden=int(cfg["hidden_size"]),
+            n_heads=int(cfg["num_attention_heads"]),
+            n_groups=int(cfg["num_key_value_heads"]),
+            d_nope=int(cfg["qk_nope_head_dim"]),
+            d_rope=d_rope,
+            d_v=int(cfg["v_head_dim"]),
+            rank=int(cfg["kv_lora_rank"]),
+            n_layers=int(cfg["num_hidden_layers"]),
+            eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            freqs=inv_freq(d_rope, base, scaling),
+            sliding_window=int(window) if window else None,
+            hidden_act=str(cfg.get("hidden_act", "silu")),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        )
+
+    def cache_values_per_token(self, path: str, replicate_rope: bool = True) -> int:
+        """KV-cache values per token per layer on ``path`` (DESIGN.md section 2)."""
+        if path == "absorb":
+            return self.rank + self.d_rope
+        if replicate_rope:
+            return self.n_groups * (self.d_nope + self.d_rope + self.d_v)
+        return self.n_groups * (self.d_nope + self.d_v) + self.d_rope

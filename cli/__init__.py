@@ -1,0 +1,1 @@
+"""The ``transgqla`` command line (Typer): parse, call the library, render."""

@@ -1,0 +1,1 @@
+"""Named conversion settings (TOML files), installed as the data package ``transgqla.recipes``."""

@@ -1,0 +1,84 @@
+"""The source model's attention geometry, read from and checked against its ``config.json``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InputError, UnsupportedError
+from .families import Family, family_for
+from .mathx.rope import rope_settings
+
+REQUIRED_KEYS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
+
+
+@dataclass(frozen=True)
+class SourceGeometry:
+    family: Family
+    architecture: str
+    hidden: int
+    n_heads: int
+    n_groups: int
+    head_dim: int
+    n_layers: int
+    qkv_bias: bool
+    rope_base: float
+    rope_scaling: dict[str, Any] | None
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.n_heads // self.n_groups
+
+    @property
+    def softmax_scale(self) -> float:
+        return 1.0 / math.sqrt(self.head_dim)
+
+    @property
+    def kv_values_per_token(self) -> int:
+        """Source GQA cache per token per layer: ``2 n_g d`` values."""
+        return 2 * self.n_groups * self.head_dim
+
+
+def _int(config: dict[str, Any], key: str) -> int:
+    value = config.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InputError(f"config.json: '{key}' must be a positive integer, found {value!r}")
+    return value
+
+
+def read_geometry(config: dict[str, Any]) -> SourceGeometry:
+    """Validate a source config and return its geometry (one-line errors for every inconsistency)."""
+    family = family_for(config)
+    missing = [k for k in REQUIRED_KEYS if k not in config]
+    if missing:
+        raise InputError(f"config.json is missing required keys: {', '.join(missing)}")
+    hidden, n_heads = _int(config, "hidden_size"), _int(config, "num_attention_heads")
+    n_groups = _int(config, "num_key_value_heads") if "num_key_value_heads" in config else n_heads
+    if n_heads % n_groups:
+        raise InputError(f"config.json: num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_groups}")
+    head_dim = config.get("head_dim")
+    if head_dim is None:
+        if hidden % n_heads:
+            raise InputError(f"config.json: hidden_size {hidden} is not divisible by num_attention_heads {n_heads}")
+        head_dim = hidden // n_heads
+    else:
+        head_dim = _int(config, "head_dim")
+    if head_dim % 2:
+        raise InputError(f"config.json: head_dim {head_dim} is odd; RoPE needs pairs of dimensions")
+    for key in ("query_pre_attn_scalar", "attn_logit_softcapping"):
+        if config.get(key) is not None:
+            raise UnsupportedError(f"config.json: '{key}' is not supported by the {family.name} converter")
+    base, scaling = rope_settings(config)
+    return SourceGeometry(
+        family=family,
+        architecture=config["architectures"][0],
+        hidden=hidden,
+        n_heads=n_heads,
+        n_groups=n_groups,
+        head_dim=head_dim,
+        n_layers=_int(config, "num_hidden_layers"),
+        qkv_bias=family.has_qkv_bias(config),
+        rope_base=base,
+        rope_scaling=scaling,
+    )

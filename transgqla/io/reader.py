@@ -1,0 +1,372 @@
+"""Lazy, fully validated reader for Hugging Face safetensors checkpoints.
+
+Why: conversion streams a checkpoint tensor by tensor, so a bad shard must be caught
+before any output is produced. Opening a checkpoint therefore validates the index and
+every shard header (only the 8 + N header bytes are read); tensors are read later one
+at a time with a seek + exact read, never by mapping whole shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO, Iterator
+
+import torch
+
+from transgqla.errors import InputError, UnsupportedError
+from transgqla.io.safetensors_format import (
+    Header,
+    HeaderError,
+    TensorEntry,
+    TensorSpec,
+    UnknownDtypeError,
+    loads_strict,
+    parse_header,
+    read_header_length,
+    to_torch_dtype,
+)
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_PICKLE_GLOBS = ("pytorch_model*.bin", "*.pt", "*.pth")
+
+__all__ = ["SafetensorsCheckpoint", "TensorSpec", "ResolvedSource", "resolve_source"]
+
+
+def _safe_relative(folder: Path, rel: Any, where: str, extra_roots: tuple[Path, ...]) -> Path:
+    """Check that `rel` (a weight_map file name) is a relative path that stays inside
+    `folder` even after resolving symlinks; return the (unresolved) path inside folder."""
+    if not isinstance(rel, str) or not rel or "\\" in rel or "\x00" in rel:
+        raise InputError(f"{where} names an invalid shard file {rel!r}")
+    pure = PurePosixPath(rel)
+    if pure.is_absolute() or ".." in pure.parts or re.match(r"^[A-Za-z]:", rel):
+        raise InputError(f"{where} names shard {rel!r}, which escapes the checkpoint folder")
+    path = folder / pure
+    if not path.is_file():
+        raise InputError(f"{where} names shard {rel!r}, which does not exist in {folder}")
+    real = path.resolve()
+    roots = (folder.resolve(),) + extra_roots
+    if not any(real.is_relative_to(root) for root in roots):
+        raise InputError(f"shard {path} is a symlink pointing outside the checkpoint folder")
+    return path
+
+
+def _hf_cache_roots(folder: Path) -> tuple[Path, ...]:
+    """Hugging Face cache snapshots (`models--o--n/snapshots/<sha>/`) hold symlinks into
+    `models--o--n/blobs/`; allow exactly that blob folder as a symlink target."""
+    folder = folder.absolute()
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return ((folder.parent.parent / "blobs").resolve(),)
+    return ()
+
+
+class SafetensorsCheckpoint:
+    """A validated safetensors checkpoint folder (sharded with an index, or a single file).
+
+    All validation happens in the constructor; afterwards `read(name)` only fails if
+    the files change underneath. At most one file handle is held (the last shard read);
+    call `close()` or use it as a context manager to release it. Not thread-safe.
+    """
+
+    def __init__(self, folder: Path | str, *, trusted_roots: tuple[Path, ...] = ()) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise InputError(f"checkpoint folder {self.folder} does not exist or is not a folder")
+        roots = tuple(Path(r).resolve() for r in trusted_roots) + _hf_cache_roots(self.folder)
+        self._fp = hashlib.sha256()
+        self._fh: BinaryIO | None = None
+        self._fh_path: Path | None = None
+        self._entries: dict[str, tuple[Path, TensorEntry]] = {}
+        self._headers: dict[Path, Header] = {}
+
+        index = self.folder / INDEX_NAME
+        if index.is_file():
+            self._fp.update(b"index\0")
+            weight_map = self._load_index(index)
+            where = f"index {index}"
+            shard_paths = {
+                f: _safe_relative(self.folder, f, where, roots)
+                for f in sorted(set(weight_map.values()), key=str)
+            }
+        else:
+            single = self._find_single_file()
+            _safe_relative(self.folder, single.name, f"folder {self.folder}", roots)
+            shard_paths = {single.name: single}
+            weight_map = None
+        for rel, path in shard_paths.items():
+            self._headers[path] = self._load_header(rel, path)
+        if weight_map is None:
+            ((path, header),) = self._headers.items()
+            weight_map = {name: path.name for name in header.entries}
+        for name in sorted(weight_map):
+            path = shard_paths[weight_map[name]]
+            entry = self._headers[path].entries.get(name)
+            if entry is None:
+                raise InputError(f"tensor {name!r} is listed in the index but missing from shard {path}")
+            self._entries[name] = (path, entry)
+        self._names = list(self._entries)
+
+    # -- construction helpers -------------------------------------------------------
+
+    def _load_index(self, index: Path) -> dict[str, str]:
+        try:
+            raw = index.read_bytes()
+            obj = loads_strict(raw.decode("utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, HeaderError) as exc:
+            raise InputError(f"index {index} is not valid JSON: {exc}".splitlines()[0]) from None
+        self._fp.update(raw)
+        wm = obj.get("weight_map") if isinstance(obj, dict) else None
+        if not isinstance(wm, dict) or not all(isinstance(k, str) for k in wm):
+            raise InputError(f"index {index} has no valid 'weight_map' object")
+        return wm
+
+    def _find_single_file(self) -> Path:
+        single = self.folder / SINGLE_NAME
+        if single.is_file():
+            return single
+        found = sorted(p for p in self.folder.glob("*.safetensors") if p.is_file())
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise InputError(
+                f"{self.folder} holds {len(found)} .safetensors files but no {INDEX_NAME}"
+            )
+        if any(p.is_file() for g in _PICKLE_GLOBS for p in self.folder.glob(g)):
+            raise InputError(
+                f"{self.folder} holds only pickle (.bin) weights; transgqla reads safetensors only "
+                "(convert them with transformers: from_pretrained(src).save_pretrained(dst, "
+                "safe_serialization=True))"
+            )
+        raise InputError(f"no safetensors weights found in {self.folder}")
+
+    def _load_header(self, rel: str, path: Path) -> Header:
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as fh:
+                n = read_header_length(fh.read(8), size)
+                raw = fh.read(n)
+            header = parse_header(raw)
+        except UnknownDtypeError as exc:
+            raise UnsupportedError(f"shard {path}: {exc}") from None
+        except HeaderError as exc:
+            raise InputError(f"shard {path} has a corrupt header: {exc}") from None
+        except OSError as exc:
+            raise InputError(f"cannot read shard {path}: {exc.strerror or exc}") from None
+        need = header.data_start + header.data_end
+        if size < need:
+            raise InputError(f"shard {path} is truncated: {size} bytes, header needs {need}")
+        self._fp.update(f"\0shard\0{rel}\0{size}\0".encode())
+        self._fp.update(n.to_bytes(8, "little") + raw)
+        return header
+
+    # -- public API -----------------------------------------------------------------
+
+    @property
+    def names(self) -> list[str]:
+        """Tensor names, sorted (a copy)."""
+        return list(self._names)
+
+    @property
+    def total_bytes(self) -> int:
+        """Sum of the data sizes of all listed tensors, in bytes."""
+        return sum(e.spec.nbytes for _, e in self._entries.values())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def _entry(self, name: str) -> tuple[Path, TensorEntry]:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise InputError(f"tensor {name!r} is not in checkpoint {self.folder}") from None
+
+    def spec(self, name: str) -> TensorSpec:
+        return self._entry(name)[1].spec
+
+    def shard_of(self, name: str) -> Path:
+        """Path of the shard file holding `name` (inside the checkpoint folder)."""
+        return self._entry(name)[0]
+
+    def fingerprint(self) -> str:
+        """sha256 hex over the index bytes and every shard's name, size and header bytes.
+
+        A cheap content identity of the source (tensor data is not hashed)."""
+        return self._fp.hexdigest()
+
+    def _seek(self, name: str) -> tuple[BinaryIO, Path, TensorEntry]:
+        """The (cached) handle of `name`'s shard, positioned at the tensor's first byte."""
+        path, entry = self._entry(name)
+        try:
+            if self._fh_path != path:
+                self.close()
+                self._fh = open(path, "rb", buffering=0)
+                self._fh_path = path
+            assert self._fh is not None
+            self._fh.seek(self._headers[path].data_start + entry.begin)
+        except OSError as exc:
+            raise InputError(f"cannot read shard {path}: {exc.strerror or exc}") from None
+        return self._fh, path, entry
+
+    def _read_into(self, name: str, buf: bytearray) -> None:
+        fh, path, _ = self._seek(name)
+        view = memoryview(buf)
+        got = 0
+        try:
+            while got < len(view):
+                n = fh.readinto(view[got:])
+                if not n:
+                    raise InputError(f"shard {path} is truncated (changed while reading {name!r})")
+                got += n
+        except OSError as exc:
+            raise InputError(f"cannot read {name!r} from shard {path}: {exc.strerror or exc}") from None
+
+    def read_bytes(self, name: str) -> bytes:
+        """The tensor's raw little-endian bytes exactly as stored (for byte-identical copies)."""
+        fh, path, entry = self._seek(name)
+        try:
+            data = fh.read(entry.spec.nbytes)  # one copy; a short read is finished below
+            if len(data) < entry.spec.nbytes:
+                parts = [data]
+                left = entry.spec.nbytes - len(data)
+                while left and (more := fh.read(left)):
+                    parts.append(more)
+                    left -= len(more)
+                data = b"".join(parts)
+        except OSError as exc:
+            raise InputError(f"cannot read {name!r} from shard {path}: {exc.strerror or exc}") from None
+        if len(data) != entry.spec.nbytes:
+            raise InputError(f"shard {path} is truncated (changed while reading {name!r})")
+        return data
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor on CPU, contiguous, with its stored dtype and shape; owns its memory."""
+        spec = self._entry(name)[1].spec
+        dtype = to_torch_dtype(spec.dtype)
+        if spec.nbytes == 0:
+            return torch.empty(spec.shape, dtype=dtype)
+        if sys.byteorder != "little" and spec.dtype not in ("BOOL", "U8", "I8"):
+            raise InputError("transgqla needs a little-endian machine to read multi-byte tensors")
+        buf = bytearray(spec.nbytes)
+        self._read_into(name, buf)
+        return torch.frombuffer(buf, dtype=dtype).reshape(spec.shape)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        self._fh, self._fh_path = None, None
+
+    def __enter__(self) -> "SafetensorsCheckpoint":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- source resolution ---------------------------------------------------------------
+
+#: Files conversion needs from a Hub repo: configs, weights, tokenizer assets.
+HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt"]
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """Where the checkpoint lives locally, and how it was obtained (for provenance)."""
+
+    path: Path
+    identity: dict[str, Any] = field(default_factory=dict)
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hf_cache_dir() -> str | None:
+    """Honour HF_HUB_CACHE / HF_HOME as set now (huggingface_hub reads them at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return None
+
+
+def resolve_source(src: str, revision: str | None = None) -> ResolvedSource:
+    """A local folder as is, else a Hugging Face model id fetched (or found in the cache).
+
+    Offline (HF_HUB_OFFLINE=1) or on a network failure, only the local cache is used.
+    """
+    local = Path(src).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise InputError(f"source {src} is a file; pass the checkpoint folder")
+        return ResolvedSource(local.resolve(), {"source": src, "revision": revision, "local": True})
+    if not _REPO_ID.match(src) or ".." in src or src.endswith((".", "-")):
+        raise InputError(f"source folder {src} does not exist (and is not a Hugging Face model id)")
+    try:
+        import huggingface_hub
+        from huggingface_hub import constants, snapshot_download
+        from huggingface_hub import errors as hf_errors
+    except ImportError:
+        raise InputError(f"source folder {src} does not exist and huggingface_hub is not installed") from None
+
+    kwargs: dict[str, Any] = dict(
+        revision=revision, allow_patterns=HUB_ALLOW_PATTERNS, cache_dir=_hf_cache_dir()
+    )
+    offline = _env_true("HF_HUB_OFFLINE") or bool(getattr(constants, "HF_HUB_OFFLINE", False))
+    rev = f"@{revision}" if revision else ""
+
+    def _authoritative(exc: BaseException) -> InputError | None:
+        """The Hub's definite answers (no point retrying from the cache)."""
+        if isinstance(exc, getattr(hf_errors, "RevisionNotFoundError", ())):
+            return InputError(f"model '{src}' has no revision '{revision}'")
+        if isinstance(exc, getattr(hf_errors, "GatedRepoError", ())):
+            return InputError(f"model '{src}' is gated; accept its license and log in (hf auth login)")
+        if isinstance(exc, getattr(hf_errors, "RepositoryNotFoundError", ())):
+            return InputError(f"model '{src}' not found on the Hugging Face Hub (or it is private)")
+        if isinstance(exc, getattr(hf_errors, "HFValidationError", ())):
+            return InputError(f"'{src}' is not a valid Hugging Face model id")
+        return None
+
+    try:
+        path = snapshot_download(src, local_files_only=offline, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any hub failure is a user-facing input error
+        definite = _authoritative(exc)
+        if definite is not None:
+            raise definite from None
+        if offline:
+            raise InputError(
+                f"cannot resolve model '{src}{rev}' offline: not in the Hugging Face cache"
+            ) from None
+        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
+        try:  # Hub unreachable or failing: fall back to whatever the cache holds
+            path = snapshot_download(src, local_files_only=True, **kwargs)
+            offline = True
+        except Exception:  # noqa: BLE001
+            raise InputError(
+                f"cannot download model '{src}{rev}' ({first}) and it is not in the Hugging Face cache"
+            ) from None
+    snapshot = Path(path).resolve()
+    return ResolvedSource(
+        snapshot,
+        {
+            "source": src,
+            "revision": revision,
+            "commit": snapshot.name,
+            "local": False,
+            "offline": offline,
+            "huggingface_hub": getattr(huggingface_hub, "__version__", None),
+        },
+    )

@@ -1,0 +1,345 @@
+"""Planned, streaming safetensors writer and an atomic (staged) output folder.
+
+Why planned: the full list of output tensors (names, dtypes, shapes) is known before
+any data exists, so every shard's header can be written first and tensor data streamed
+after it — memory holds one tensor at a time, and files are byte-deterministic.
+Why staged: a crash or error must never leave something that looks like a finished
+checkpoint at OUT; work happens in `.<name>.transgqla-partial` and is renamed at the end.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import BinaryIO, Callable, TypeVar
+
+import torch
+
+from transgqla.errors import InputError, OutputError
+from transgqla.io.safetensors_format import TensorSpec, encode_header, to_torch_dtype
+
+INDEX_NAME = "model.safetensors.index.json"
+MARKER = "INCOMPLETE"
+CHUNK = 1 << 20  # 1 MiB
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+T = TypeVar("T")
+
+__all__ = [
+    "plan_shards",
+    "ShardedWriter",
+    "StagedOutput",
+    "ensure_free_space",
+    "sha256_file",
+    "copy_file_hashed",
+]
+
+
+def _io(path: Path, fn: Callable[[], T]) -> T:
+    """Run a filesystem write, turning OSError into a one-line OutputError naming `path`."""
+    try:
+        return fn()
+    except OSError as exc:
+        if exc.errno in _DISK_FULL:
+            raise OutputError(f"disk full while writing {path}; free space and rerun") from None
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Split `specs` (order kept) into shards of at most `max_shard_bytes` data bytes;
+    a tensor larger than the cap gets a shard of its own. Headers are not counted."""
+    if max_shard_bytes <= 0:
+        raise ValueError("max_shard_bytes must be positive")
+    shards: list[list[TensorSpec]] = []
+    size = 0
+    for spec in specs:
+        if not shards or (shards[-1] and size + spec.nbytes > max_shard_bytes):
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def shard_file_name(i: int, n: int) -> str:
+    """Hugging Face style name of shard i (0-based) out of n."""
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+class ShardedWriter:
+    """Write a planned set of tensors as HF-style shards plus `model.safetensors.index.json`.
+
+    `write()` must be called once per planned tensor, in plan order; `close()` returns
+    `{relative file name: sha256 hex}` for every file written (hashed while streaming).
+    Shape/dtype/order mismatches raise ValueError (caller bugs); IO failures OutputError.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        specs: list[TensorSpec],
+        max_shard_bytes: int,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        if not specs:
+            raise ValueError("ShardedWriter needs at least one tensor")
+        if len({s.name for s in specs}) != len(specs):
+            raise ValueError("duplicate tensor names in the write plan")
+        self.folder = Path(folder)
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.plan = plan_shards(list(specs), max_shard_bytes)
+        n = len(self.plan)
+        self.files = [shard_file_name(i, n) for i in range(n)]
+        self._headers = [encode_header(shard, self.metadata) for shard in self.plan]  # validates
+        self._order = [(i, spec) for i, shard in enumerate(self.plan) for spec in shard]
+        self._next = 0
+        self._fh: BinaryIO | None = None
+        self._path: Path | None = None
+        self._hash: hashlib._Hash | None = None
+        self.hashes: dict[str, str] = {}
+        self._closed = False
+
+    @property
+    def total_size(self) -> int:
+        """Bytes of tensor data across all shards (the index's metadata.total_size)."""
+        return sum(spec.nbytes for _, spec in self._order)
+
+    def _open(self, i: int) -> None:
+        self._path = self.folder / self.files[i]
+        self._fh = _io(self._path, lambda: open(self._path, "wb"))
+        self._hash = hashlib.sha256()
+        self._emit(self._headers[i])
+
+    def _emit(self, data: bytes | memoryview) -> None:
+        assert self._fh is not None and self._hash is not None and self._path is not None
+        fh = self._fh
+        _io(self._path, lambda: fh.write(data))
+        self._hash.update(data)
+
+    def _finish_shard(self) -> None:
+        assert self._fh is not None and self._hash is not None and self._path is not None
+        fh = self._fh
+
+        def sync_close() -> None:
+            fh.flush()
+            os.fsync(fh.fileno())
+            fh.close()
+
+        _io(self._path, sync_close)
+        self.hashes[self._path.name] = self._hash.hexdigest()
+        self._fh = self._hash = None
+
+    def write(self, name: str, data: torch.Tensor | bytes | bytearray | memoryview) -> None:
+        """Append the next planned tensor: a torch.Tensor of exactly the planned dtype and
+        shape (any device), or its raw little-endian bytes of exactly the planned length."""
+        if self._closed:
+            raise ValueError("ShardedWriter is closed")
+        if self._next >= len(self._order):
+            raise ValueError(f"tensor {name!r} was not planned (all planned tensors written)")
+        shard, spec = self._order[self._next]
+        if name != spec.name:
+            raise ValueError(f"out-of-order write: expected {spec.name!r}, got {name!r}")
+        if isinstance(data, torch.Tensor):
+            want = to_torch_dtype(spec.dtype)
+            if data.dtype != want or tuple(data.shape) != spec.shape:
+                raise ValueError(
+                    f"tensor {name!r} is {data.dtype}{list(data.shape)}, "
+                    f"planned {want}{list(spec.shape)}"
+                )
+            flat = data.detach().to("cpu").contiguous().reshape(-1)
+            raw = memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+        else:
+            raw = memoryview(data).cast("B")
+            if raw.nbytes != spec.nbytes:
+                raise ValueError(f"tensor {name!r}: got {raw.nbytes} bytes, planned {spec.nbytes}")
+        if self._fh is None:
+            self._open(shard)
+        self._emit(raw)
+        self._next += 1
+        if self._next == len(self._order) or self._order[self._next][0] != shard:
+            self._finish_shard()
+
+    def close(self) -> dict[str, str]:
+        """Check every planned tensor was written, write the index; return file -> sha256."""
+        if self._closed:
+            return dict(self.hashes)
+        if self._next != len(self._order):
+            missing = self._order[self._next][1].name
+            raise ValueError(f"{len(self._order) - self._next} planned tensors not written (next: {missing!r})")
+        weight_map = {spec.name: self.files[i] for i, spec in self._order}
+        index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
+        data = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
+        path = self.folder / INDEX_NAME
+
+        def write_index() -> None:
+            with open(path, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+
+        _io(path, write_index)
+        self.hashes[INDEX_NAME] = hashlib.sha256(data).hexdigest()
+        self._closed = True
+        return dict(self.hashes)
+
+    def abort(self) -> None:
+        """Release the open file handle without writing the index (partial output stays)."""
+        if self._fh is not None:
+            try:
+                self._fh.close()
+            except OSError:
+                pass
+        self._fh = self._hash = None
+        self._closed = True
+
+    def __enter__(self) -> "ShardedWriter":
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def _within(a: Path, b: Path) -> bool:
+    """a == b or a inside b (both already resolved)."""
+    return a == b or a.is_relative_to(b)
+
+
+class StagedOutput:
+    """Atomic output folder: build in `<parent>/.<name>.transgqla-partial`, rename on commit.
+
+    Usage: `with StagedOutput(out, force, protect=[src]) as st: ...write into st.path...;
+    st.commit()`. Leaving the block without `commit()` (exception or not) keeps the
+    staging folder, marked with an `INCOMPLETE` file, for a later resume; OUT is untouched.
+    """
+
+    def __init__(self, out: Path, force: bool, protect: list[Path] | None = None, resume: bool = False) -> None:
+        self.out = Path(out).expanduser().absolute()
+        self.force = force
+        target = self.out.resolve()
+        if self.out.exists() and not self.out.is_dir():
+            raise OutputError(f"output {self.out} is a file, not a folder")
+        for p in protect or []:
+            src = Path(p).expanduser().resolve()
+            if _within(target, src) or _within(src, target):
+                raise OutputError(f"output folder {self.out} overlaps the source {src}; choose another")
+        if self.out.is_dir() and any(self.out.iterdir()):
+            if not force:
+                raise OutputError(f"output folder {self.out} is not empty; pass --force to replace it")
+            for keep in (Path.cwd().resolve(), Path.home().resolve()):
+                if _within(keep, target):
+                    raise OutputError(f"refusing to replace {self.out}: it contains {keep}")
+        self.staging = self.out.parent / f".{self.out.name}.transgqla-partial"
+        self._old = self.out.parent / f".{self.out.name}.transgqla-old"
+        self.committed = False
+        if self.staging.is_symlink() or (self.staging.exists() and not self.staging.is_dir()):
+            raise OutputError(f"staging path {self.staging} exists and is not a folder; remove it")
+        if self.staging.exists() and not resume:
+            _io(self.staging, lambda: shutil.rmtree(self.staging))
+        _io(self.staging, lambda: self.staging.mkdir(parents=True, exist_ok=True))
+        _io(self.staging / MARKER, lambda: (self.staging / MARKER).write_text(
+            f"transgqla output in progress for {self.out}; not a usable checkpoint\n"))
+
+    @property
+    def path(self) -> Path:
+        """The staging folder to write into."""
+        return self.staging
+
+    def commit(self) -> Path:
+        """Remove the marker and rename staging to OUT (replacing an old OUT if forced)."""
+        if self.committed:
+            return self.out
+        _io(self.staging / MARKER, lambda: (self.staging / MARKER).unlink(missing_ok=True))
+        had_old = False
+        if self.out.exists():
+            if any(self.out.iterdir()) and not self.force:
+                raise OutputError(f"output folder {self.out} is not empty; pass --force to replace it")
+            if self._old.exists():
+                _io(self._old, lambda: shutil.rmtree(self._old))
+            _io(self.out, lambda: self.out.rename(self._old))
+            had_old = True
+        try:
+            self.staging.rename(self.out)
+        except OSError as exc:
+            if had_old:  # put the previous output back where it was
+                self._old.rename(self.out)
+            raise OutputError(f"cannot move {self.staging} to {self.out}: {exc.strerror or exc}") from None
+        if had_old:
+            _io(self._old, lambda: shutil.rmtree(self._old))
+        _fsync_dir(self.out.parent)
+        self.committed = True
+        return self.out
+
+    def abort(self) -> None:
+        """Leave the (marked) staging folder in place for inspection or resume."""
+
+    def __enter__(self) -> "StagedOutput":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _fsync_dir(path: Path) -> None:
+    """Best-effort durability of a rename (not supported everywhere, so errors are ignored)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def ensure_free_space(folder: Path, needed_bytes: int, margin: float = 1.05) -> None:
+    """OutputError unless the filesystem holding `folder` has needed_bytes x margin free."""
+    probe = Path(folder).expanduser().absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    need = int(needed_bytes * margin)
+    if free < need:
+        raise OutputError(
+            f"not enough disk space in {folder}: need {need / 1e9:.2f} GB, have {free / 1e9:.2f} GB"
+        )
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 hex of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(CHUNK):
+                h.update(chunk)
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return h.hexdigest()
+
+
+def copy_file_hashed(src: Path, dst: Path) -> str:
+    """Copy src to dst in 1 MiB chunks (fsynced) and return the sha256 hex of the bytes."""
+    h = hashlib.sha256()
+    try:
+        fin = open(src, "rb")
+    except OSError as exc:
+        raise InputError(f"cannot read {src}: {exc.strerror or exc}") from None
+    with fin:
+        fout = _io(Path(dst), lambda: open(dst, "wb"))
+        with fout:
+            while True:
+                try:
+                    chunk = fin.read(CHUNK)
+                except OSError as exc:
+                    raise InputError(f"cannot read {src}: {exc.strerror or exc}") from None
+                if not chunk:
+                    break
+                _io(Path(dst), lambda: fout.write(chunk))
+                h.update(chunk)
+            _io(Path(dst), lambda: (fout.flush(), os.fsync(fout.fileno())))
+    return h.hexdigest()

@@ -1,0 +1,118 @@
+"""Typer app: one function per subcommand; each parses options, calls the library, renders.
+
+Results go to stdout (a rich table, or one JSON document with ``--json``); progress and errors go
+to stderr. Expected failures (:class:`transgqla.errors.TransGQLAError`) print one line and exit
+with their code; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from transgqla import __version__
+from transgqla.errors import TransGQLAError
+
+from .render import conversion_table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Convert GQA checkpoints to GQLA, verify and export them.")
+err = Console(stderr=True)
+out = Console()
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"transgqla {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """transgqla: Group-Query Latent Attention checkpoints from GQA ones."""
+
+
+def _fail(exc: TransGQLAError, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"ok": False, "error": str(exc), "exit_code": exc.exit_code}))
+    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(exc.exit_code)
+
+
+def _progress_bar(enabled: bool):
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=err, disable=not enabled, transient=False,
+    )
+
+
+@app.command()
+def convert(
+    source: str = typer.Argument(..., help="Local model folder, Hugging Face model id, or demo:smollm2-135m."),
+    out_dir: Path = typer.Argument(..., metavar="OUT", help="Output folder (must be empty unless --force)."),
+    kv_lora_rank: Optional[int] = typer.Option(None, "--kv-lora-rank", help="Latent rank r (default: recipe, else ~28% cache rule)."),
+    qk_rope_dim: Optional[int] = typer.Option(None, "--qk-rope-dim", help="RoPE key dims d_R (default: recipe, else head_dim/2)."),
+    freqfold: Optional[str] = typer.Option(None, "--freqfold", help="Frequencies per PCA block, or 'auto'."),
+    calib: str = typer.Option("none", "--calib", help="'none' for data-free statistics from the weights."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Built-in recipe name or a TOML file."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16|float16|float32 for converted tensors (default: source's)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
+    max_shard_size: float = typer.Option(5.0, "--max-shard-size", help="Shard size cap in GB."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan; write nothing."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty OUT."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+) -> None:
+    """Stream a GQA checkpoint into a GQLA checkpoint (format v1)."""
+    from transgqla.convert import ConvertRequest, plan_conversion, run_conversion
+
+    request = ConvertRequest(
+        source=source, out=out_dir, kv_lora_rank=kv_lora_rank, qk_rope_dim=qk_rope_dim, freqfold=freqfold,
+        recipe=recipe, calib=calib, dtype=dtype, revision=revision, force=force,
+        max_shard_bytes=int(max_shard_size * 1e9),
+    )
+    try:
+        plan = plan_conversion(request)
+        if dry_run:
+            doc = _plan_doc(plan)
+            print(json.dumps(doc, indent=2)) if as_json else out.print_json(json.dumps(doc))
+            return
+        with _progress_bar(not as_json and sys.stderr.isatty()) as bar:
+            task = bar.add_task("converting layers", total=plan.geo.n_layers)
+            result = run_conversion(plan, lambda stage, done, total: bar.update(task, completed=done, total=total))
+    except TransGQLAError as exc:
+        _fail(exc, as_json)
+    summary = result.summary()
+    if as_json:
+        print(json.dumps({"ok": True, **summary}, indent=2))
+    else:
+        out.print(conversion_table(summary, result.layer_reports))
+
+
+def _plan_doc(plan) -> dict[str, Any]:
+    from transgqla.gqla_config import cache_sizes
+
+    return {
+        "ok": True,
+        "dry_run": True,
+        "source": plan.identity,
+        "architecture": plan.geo.architecture,
+        "settings": plan.settings.to_dict(),
+        "cache_values_per_token": cache_sizes(plan.geo, plan.settings),
+        "tensors": len(plan.outputs),
+        "output_bytes": plan.output_bytes,
+    }
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""Rich tables for people; the JSON documents carry the same figures for machines."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+
+def conversion_table(summary: dict[str, Any], layers: list[dict[str, float]]) -> Table:
+    s, c = summary["settings"], summary["cache_values_per_token"]
+    table = Table(title=f"GQLA checkpoint written to {summary['out']}", show_header=True, header_style="bold")
+    table.add_column("item")
+    table.add_column("value", justify="right")
+    table.add_row("architecture", f"{summary['architecture']} ({summary['layers']} layers)")
+    table.add_row("recipe", str(s["recipe"] or "default rule"))
+    table.add_row("kv_lora_rank + qk_rope_head_dim", f"{s['kv_lora_rank']} + {s['qk_rope_head_dim']}")
+    table.add_row("freqfold", f"{s['freqfold']} (requested {s['freqfold_requested']})")
+    table.add_row("statistics", "data-free (weights)" if s["calib"] == "none" else s["calib"])
+    table.add_row("KV cache / token / layer: source GQA", str(c["source_gqa"]))
+    table.add_row("  absorb path", f"{c['absorb']} ({100 * c['absorb_ratio']:.2f}%)")
+    table.add_row("  GQA path (RoPE key per group)", f"{c['gqa']} ({100 * c['gqa_ratio']:.2f}%)")
+    table.add_row("RoPE key energy kept (mean)", f"{100 * summary['rope_energy_kept_mean']:.1f}%")
+    worst = summary.get("worst_layer_errors", {})
+    if worst:
+        table.add_row("worst layer nope-key rel. error", f"{worst['key_nope_rel_error']:.3e}")
+        table.add_row("worst layer value rel. error", f"{worst['value_rel_error']:.3e}")
+    table.add_row("tensors / bytes written", f"{summary['tensors_written']} / {summary['bytes_written'] / 1e6:.1f} MB")
+    table.add_row("time", f"{summary['seconds']:.1f} s")
+    return table

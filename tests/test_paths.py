@@ -1,0 +1,53 @@
+"""The absorb and GQA decoding paths are one set of weights: they agree to float rounding in prefill,
+in cached token-by-token decode, and in two-token (MTP-style) decode."""
+
+import pytest
+import torch
+
+from helpers import load_decoder, rel_err, run_convert
+
+TOL = 1e-5
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def lossy(request, source_factory, tmp_path):
+    src, _ = source_factory(request.param, n_kv=2, n_heads=6, head_dim=16, hidden=96)
+    out = tmp_path / "out"
+    run_convert(src, out, qk_rope_dim=8, freqfold="4", kv_lora_rank=24)
+    return load_decoder(out, dtype=torch.float32)
+
+
+IDS = torch.randint(0, 101, (2, 11), generator=torch.Generator().manual_seed(3))
+
+
+def test_prefill_paths_agree(lossy):
+    a = lossy.forward(IDS, lossy.new_cache("absorb"))
+    g = lossy.forward(IDS, lossy.new_cache("gqa"))
+    assert rel_err(a, g) < TOL
+
+
+@pytest.mark.parametrize("step", [1, 2])
+@pytest.mark.parametrize("path", ["absorb", "gqa"])
+def test_cached_decode_matches_prefill(lossy, path, step):
+    full = lossy.forward(IDS, lossy.new_cache("gqa" if path == "absorb" else "absorb"))  # the other path's prefill
+    cache = lossy.new_cache(path)
+    pieces = [lossy.forward(IDS[:, :3], cache)]
+    for start in range(3, IDS.shape[1], step):
+        pieces.append(lossy.forward(IDS[:, start : start + step], cache))
+    assert cache.length() == IDS.shape[1]
+    assert rel_err(torch.cat(pieces, dim=1), full) < TOL
+
+
+def test_greedy_tokens_identical(lossy):
+    a = lossy.generate(IDS[:1, :4], 12, "absorb")
+    g = lossy.generate(IDS[:1, :4], 12, "gqa")
+    assert torch.equal(a, g)
+
+
+def test_cache_sizes_follow_the_formula(lossy):
+    geo = lossy.geo
+    caches = {p: lossy.new_cache(p) for p in ("absorb", "gqa")}
+    for p, c in caches.items():
+        lossy.forward(IDS, c)
+    assert caches["absorb"].values_per_token() == geo.rank + geo.d_rope == geo.cache_values_per_token("absorb")
+    assert caches["gqa"].values_per_token() == geo.n_groups * (geo.d_nope + geo.d_rope + geo.d_v)

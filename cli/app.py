@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transgqla import __version__
 from transgqla.errors import TransGQLAError
 
-from .render import conversion_table
+from .render import conversion_table, recipes_table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Convert GQA checkpoints to GQLA, verify and export them.")
 err = Console(stderr=True)
@@ -93,6 +93,18 @@ def convert(
         print(json.dumps({"ok": True, **summary}, indent=2))
     else:
         out.print(conversion_table(summary, result.layer_reports))
+
+
+@app.command()
+def recipes(as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout.")) -> None:
+    """List the built-in recipes and what they match."""
+    from transgqla.recipe_book import builtin_recipes
+
+    found = builtin_recipes()
+    if as_json:
+        print(json.dumps([{"name": r.name, "description": r.description, "match": r.match, "settings": r.settings} for r in found], indent=2))
+        return
+    out.print(recipes_table(found))
 
 
 def _plan_doc(plan) -> dict[str, Any]:

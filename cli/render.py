@@ -28,3 +28,14 @@ def conversion_table(summary: dict[str, Any], layers: list[dict[str, float]]) ->
     table.add_row("tensors / bytes written", f"{summary['tensors_written']} / {summary['bytes_written'] / 1e6:.1f} MB")
     table.add_row("time", f"{summary['seconds']:.1f} s")
     return table
+
+
+def recipes_table(recipes) -> Table:
+    table = Table(title="built-in recipes", header_style="bold")
+    for col in ("name", "matches", "settings", "description"):
+        table.add_column(col)
+    for r in recipes:
+        match = ", ".join(f"{k}={v}" for k, v in r.match.items())
+        settings = ", ".join(f"{k}={v}" for k, v in r.settings.items())
+        table.add_row(r.name, match, settings, r.description)
+    return table

@@ -51,3 +51,21 @@ def test_cache_sizes_follow_the_formula(lossy):
         lossy.forward(IDS, c)
     assert caches["absorb"].values_per_token() == geo.rank + geo.d_rope == geo.cache_values_per_token("absorb")
     assert caches["gqa"].values_per_token() == geo.n_groups * (geo.d_nope + geo.d_rope + geo.d_v)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_source_decoder_matches_transformers(source_factory, family):
+    """The plain source reference (used for fidelity and perplexity) equals stock transformers."""
+    import json
+
+    from helpers import load_tensors
+    from transgqla.model.decoder import SourceDecoder
+
+    src, model = source_factory(family, n_kv=2)
+    dec = SourceDecoder(json.loads((src / "config.json").read_text()), load_tensors(src), dtype=torch.float64)
+    with torch.no_grad():
+        ref = model(IDS).logits
+    assert rel_err(dec.forward(IDS, dec.new_cache()), ref) < 1e-5
+    cache = dec.new_cache()
+    steps = [dec.forward(IDS[:, :4], cache)] + [dec.forward(IDS[:, i : i + 1], cache) for i in range(4, IDS.shape[1])]
+    assert rel_err(torch.cat(steps, 1), ref) < 1e-5

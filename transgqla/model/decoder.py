@@ -1,7 +1,8 @@
-"""A plain-torch GQLA decoder (Llama-style blocks: RMSNorm, SwiGLU MLP) with either decoding path.
+"""Plain-torch decoders (Llama-style blocks: RMSNorm, gated MLP) around either attention.
 
-It exists to check conversions independently of any runtime: ``verify`` and ``export`` compare
-runtimes against it and tests compare it against stock transformers models of the source.
+They exist to check conversions independently of any runtime: ``verify`` and ``export`` compare
+runtimes against :class:`GQLADecoder`, tests compare it with stock transformers models of the
+source, and :class:`SourceDecoder` is the source reference for fidelity and perplexity.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 
 from .attention import KVCache, attention
 from .geometry import GQLAGeometry
+from .source_attention import GQAGeometry, gqa_attention
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": torch.nn.functional.silu,
@@ -27,17 +29,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
-class GQLADecoder:
-    """Holds every tensor of a (small) GQLA checkpoint in memory; ``forward`` runs prefill or decode."""
+class Decoder:
+    """Holds a (small) checkpoint's tensors in memory; ``forward`` runs prefill or cached decode."""
+
+    cache_path = "source"
 
     def __init__(self, config: dict, tensors: Mapping[str, torch.Tensor], dtype=torch.float32, device="cpu"):
         self.config = config
-        self.geo = GQLAGeometry.from_config(config)
+        self.geo = self._geometry(config)
         self.t = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v for k, v in tensors.items()}
         self.dtype, self.device = dtype, torch.device(device)
         if self.geo.hidden_act not in ACTIVATIONS:
             raise ValueError(f"activation {self.geo.hidden_act!r} is not supported")
         self.act = ACTIVATIONS[self.geo.hidden_act]
+
+    def _geometry(self, config):
+        raise NotImplementedError
+
+    def _attention(self, x, params, positions, cache: KVCache, layer: int) -> torch.Tensor:
+        raise NotImplementedError
 
     def layer(self, idx: int, prefix: str = "") -> dict[str, torch.Tensor]:
         head = f"model.layers.{idx}.{prefix}"
@@ -47,31 +57,36 @@ class GQLADecoder:
         w = self.t.get("lm_head.weight")
         return self.t["model.embed_tokens.weight"] if w is None else w
 
-    def new_cache(self, path: str) -> KVCache:
-        return KVCache(path)
+    def new_cache(self, path: str | None = None) -> KVCache:
+        return KVCache(path or self.cache_path)
+
+    def attention_input(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """What layer ``i``'s attention sees: ``input_layernorm(h)``."""
+        return rms_norm(h, self.t[f"model.layers.{i}.input_layernorm.weight"], self.geo.eps)
+
+    def block(self, i: int, h: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One decoder layer: pre-norm attention and pre-norm gated MLP, both residual."""
+        h = h + self._attention(self.attention_input(i, h), self.layer(i, "self_attn."), positions, cache, i)
+        x = rms_norm(h, self.t[f"model.layers.{i}.post_attention_layernorm.weight"], self.geo.eps)
+        mlp = self.layer(i, "mlp.")
+        gated = self.act(torch.nn.functional.linear(x, mlp["gate_proj.weight"], mlp.get("gate_proj.bias")))
+        up = torch.nn.functional.linear(x, mlp["up_proj.weight"], mlp.get("up_proj.bias"))
+        return h + torch.nn.functional.linear(gated * up, mlp["down_proj.weight"], mlp.get("down_proj.bias"))
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits ``[B, T, V]`` for ``input_ids[B, T]`` following the tokens already in ``cache``."""
-        geo = self.geo
         input_ids = input_ids.to(self.device)
         start = cache.length()
         positions = torch.arange(start, start + input_ids.shape[1], device=self.device)
         h = self.t["model.embed_tokens.weight"][input_ids]
-        for i in range(geo.n_layers):
-            attn_p = self.layer(i, "self_attn.")
-            x = rms_norm(h, self.t[f"model.layers.{i}.input_layernorm.weight"], geo.eps)
-            h = h + attention(x, attn_p, geo, positions, cache, i, cache.path)
-            x = rms_norm(h, self.t[f"model.layers.{i}.post_attention_layernorm.weight"], geo.eps)
-            mlp = self.layer(i, "mlp.")
-            gated = self.act(torch.nn.functional.linear(x, mlp["gate_proj.weight"], mlp.get("gate_proj.bias")))
-            up = torch.nn.functional.linear(x, mlp["up_proj.weight"], mlp.get("up_proj.bias"))
-            h = h + torch.nn.functional.linear(gated * up, mlp["down_proj.weight"], mlp.get("down_proj.bias"))
-        h = rms_norm(h, self.t["model.norm.weight"], geo.eps)
+        for i in range(self.geo.n_layers):
+            h = self.block(i, h, positions, cache)
+        h = rms_norm(h, self.t["model.norm.weight"], self.geo.eps)
         return torch.nn.functional.linear(h, self.lm_head())
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, path: str) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, path: str | None = None) -> torch.Tensor:
         """Greedy decoding with a KV cache: prefill once, then one token per step."""
         cache = self.new_cache(path)
         logits = self.forward(input_ids, cache)
@@ -81,3 +96,25 @@ class GQLADecoder:
             out.append(nxt)
             logits = self.forward(nxt, cache)
         return torch.cat(out, dim=1)
+
+
+class GQLADecoder(Decoder):
+    """A GQLA checkpoint; the cache's ``path`` ("absorb" or "gqa") picks the decoding path."""
+
+    cache_path = "absorb"
+
+    def _geometry(self, config):
+        return GQLAGeometry.from_config(config)
+
+    def _attention(self, x, params, positions, cache, layer):
+        return attention(x, params, self.geo, positions, cache, layer, cache.path)
+
+
+class SourceDecoder(Decoder):
+    """A source GQA checkpoint (Llama, Mistral, Qwen2)."""
+
+    def _geometry(self, config):
+        return GQAGeometry.from_config(config)
+
+    def _attention(self, x, params, positions, cache, layer):
+        return gqa_attention(x, params, self.geo, positions, cache, layer)

@@ -46,6 +46,16 @@ def _fail(exc: TransGQLAError, as_json: bool) -> None:
     raise typer.Exit(exc.exit_code)
 
 
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda"):
+        raise typer.BadParameter(f"--device must be auto, cpu or cuda, not {name!r}")
+    return name
+
+
 def _progress_bar(enabled: bool):
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -60,7 +70,12 @@ def convert(
     kv_lora_rank: Optional[int] = typer.Option(None, "--kv-lora-rank", help="Latent rank r (default: recipe, else ~28% cache rule)."),
     qk_rope_dim: Optional[int] = typer.Option(None, "--qk-rope-dim", help="RoPE key dims d_R (default: recipe, else head_dim/2)."),
     freqfold: Optional[str] = typer.Option(None, "--freqfold", help="Frequencies per PCA block, or 'auto'."),
-    calib: str = typer.Option("none", "--calib", help="'none' for data-free statistics from the weights."),
+    calib: list[str] = typer.Option(["none"], "--calib", help="Calibration text: a .txt/.jsonl file (repeatable), builtin:calib, or 'none' (data-free, from the weights)."),
+    calib_tokens: int = typer.Option(65536, "--calib-tokens", help="Calibration tokens to use at most."),
+    calib_seqlen: int = typer.Option(512, "--calib-seqlen", help="Calibration window length in tokens."),
+    method: Optional[str] = typer.Option(None, "--method", help="pca (data-free) | transmla | gqla (default with --calib)."),
+    sequential: bool = typer.Option(False, "--sequential", help="Calibrate layer l on the outputs of converted layers < l."),
+    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda for calibration."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Built-in recipe name or a TOML file."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16|float16|float32 for converted tensors (default: source's)."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
@@ -74,7 +89,8 @@ def convert(
 
     request = ConvertRequest(
         source=source, out=out_dir, kv_lora_rank=kv_lora_rank, qk_rope_dim=qk_rope_dim, freqfold=freqfold,
-        recipe=recipe, calib=calib, dtype=dtype, revision=revision, force=force,
+        recipe=recipe, calib=None if calib == ["none"] else calib, calib_tokens=calib_tokens, calib_seqlen=calib_seqlen,
+        method=method, sequential=sequential, device=_device(device), dtype=dtype, revision=revision, force=force,
         max_shard_bytes=int(max_shard_size * 1e9),
     )
     try:

@@ -22,11 +22,11 @@ import torch
 from .errors import InputError, TransGQLAError, UnsupportedError
 from .families import Family
 from .gqla_config import build_config, cache_sizes
-from .io import SafetensorsCheckpoint, ShardedWriter, StagedOutput, TensorSpec, copy_file_hashed, ensure_free_space, resolve_source
+from .io import SafetensorsCheckpoint, ShardedWriter, StagedOutput, TensorSpec, copy_file_hashed, ensure_free_space
 from .io.safetensors_format import to_torch_dtype
-from .mathx.gqla_layer import LayerSettings, SourceAttention, convert_attention
-from .mathx.moments import InputMoment
+from .layer_converters import CalibratedConverter, DataFreeConverter
 from .settings import ConversionSettings, resolve_settings
+from .source_checkpoint import load_config, natural_key, resolve, validate_tensors
 from .source_geometry import SourceGeometry, read_geometry
 
 Progress = Callable[[str, int, int], None]
@@ -49,7 +49,12 @@ class ConvertRequest:
     qk_rope_dim: int | None = None
     freqfold: str | None = None
     recipe: str | None = None
-    calib: str = "none"
+    calib: list[str] | None = None  # text files or builtin:NAME; None = data-free
+    calib_tokens: int = 65536
+    calib_seqlen: int = 512
+    method: str | None = None  # pca | transmla | gqla (default: gqla with calibration, pca without)
+    sequential: bool = False
+    device: str = "cpu"
     dtype: str | None = None
     revision: str | None = None
     force: bool = False
@@ -68,6 +73,7 @@ class ConversionPlan:
     outputs: list[TensorSpec]  # in write order
     converted: dict[str, tuple[int, str]]  # output name -> (layer, name relative to self_attn.)
     copied_files: list[Path]
+    windows: "torch.Tensor | None" = None  # calibration token windows [n, seqlen]
 
     @property
     def output_bytes(self) -> int:
@@ -100,71 +106,6 @@ class ConversionResult:
         }
 
 
-def natural_key(name: str) -> list[Any]:
-    """Sort ``layers.10`` after ``layers.9``: digits compare as numbers."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
-def _load_config(folder: Path) -> dict[str, Any]:
-    path = folder / "config.json"
-    if not path.is_file():
-        raise InputError(f"{folder} has no config.json; is it a Hugging Face model folder?")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(cfg, dict):
-        raise InputError(f"{path} must hold a JSON object")
-    return cfg
-
-
-def _resolve(request: ConvertRequest):
-    if request.source.startswith("demo:"):
-        from .demo import materialize_demo  # optional dependencies live behind this import
-
-        path = materialize_demo()
-        return path, {"source": request.source, "demo": True, "local": True}
-    resolved = resolve_source(request.source, request.revision)
-    return resolved.path, dict(resolved.identity)
-
-
-def _expected_attention(fam: Family, geo: SourceGeometry, layer: int) -> dict[str, tuple[int, ...]]:
-    d, hd = geo.hidden, geo.head_dim
-    shapes = {
-        fam.tensor(layer, "q"): (geo.n_heads * hd, d),
-        fam.tensor(layer, "k"): (geo.n_groups * hd, d),
-        fam.tensor(layer, "v"): (geo.n_groups * hd, d),
-        fam.tensor(layer, "o"): (d, geo.n_heads * hd),
-    }
-    if geo.qkv_bias:
-        shapes[fam.tensor(layer, "q", "bias")] = (geo.n_heads * hd,)
-        shapes[fam.tensor(layer, "k", "bias")] = (geo.n_groups * hd,)
-        shapes[fam.tensor(layer, "v", "bias")] = (geo.n_groups * hd,)
-    shapes[fam.norm(layer)] = (d,)
-    return shapes
-
-
-def _validate_tensors(ckpt: SafetensorsCheckpoint, geo: SourceGeometry) -> None:
-    fam = geo.family
-    names = set(ckpt.names)
-    for name in names:
-        for frag in fam.refused_tensors:
-            if frag in name:
-                raise UnsupportedError(f"tensor {name}: per-head q/k norms are not supported by GQLA conversion")
-    for layer in range(geo.n_layers):
-        for name, shape in _expected_attention(fam, geo, layer).items():
-            if name not in names:
-                raise InputError(f"tensor {name} is missing from the checkpoint")
-            got = ckpt.spec(name).shape
-            if tuple(got) != shape:
-                raise InputError(f"tensor {name} has shape {list(got)}, the config implies {list(shape)}")
-        if not geo.qkv_bias and fam.tensor(layer, "k", "bias") in names:
-            raise InputError(f"tensor {fam.tensor(layer, 'k', 'bias')} exists but the config declares no attention bias")
-    extra = [n for n in names if re.match(rf"model\.layers\.(\d+)\.", n) and int(n.split(".")[2]) >= geo.n_layers]
-    if extra:
-        raise InputError(f"tensor {sorted(extra, key=natural_key)[0]} belongs to a layer beyond num_hidden_layers={geo.n_layers}")
-
-
 def _output_names(geo: SourceGeometry) -> list[str]:
     names = ["q_proj.weight", "kv_a_proj_with_mqa.weight", "kv_b_proj.weight"]
     if geo.qkv_bias:
@@ -186,14 +127,12 @@ def _output_shapes(geo: SourceGeometry, s: ConversionSettings) -> dict[str, tupl
 
 def plan_conversion(request: ConvertRequest) -> ConversionPlan:
     """Resolve, read and validate everything; fix the output tensor list. Writes nothing."""
-    if request.calib != "none":
-        raise UnsupportedError("calibration on text (--calib PATH) is not available yet; use --calib none")
-    path, identity = _resolve(request)
-    config = _load_config(path)
+    path, identity = resolve(request.source, request.revision)
+    config = load_config(path)
     geo = read_geometry(config)
     ckpt = SafetensorsCheckpoint(path)
     identity["fingerprint"] = ckpt.fingerprint()
-    _validate_tensors(ckpt, geo)
+    validate_tensors(ckpt, geo)
     fam = geo.family
     src_dtype = ckpt.spec(fam.tensor(0, "q")).dtype
     if request.dtype is None:
@@ -210,9 +149,15 @@ def plan_conversion(request: ConvertRequest) -> ConversionPlan:
         qk_rope_dim=request.qk_rope_dim,
         freqfold=request.freqfold,
         recipe=request.recipe,
-        calib=request.calib,
+        calib=",".join(request.calib) if request.calib else "none",
+        method=request.method,
         dtype=out_dtype,
     )
+    windows = None
+    if request.calib:
+        from .calib.text import load_tokenizer, read_text, token_windows
+
+        windows = token_windows(read_text(request.calib), load_tokenizer(path), request.calib_seqlen, request.calib_tokens)
     replaced = {fam.tensor(l, p, k) for l in range(geo.n_layers) for p in ATTN_SOURCE_PARTS for k in ("weight", "bias")}
     outputs = [ckpt.spec(n) for n in ckpt.names if n not in replaced and not DROPPED_TENSORS.search(n)]
     shapes = _output_shapes(geo, settings)
@@ -224,29 +169,14 @@ def plan_conversion(request: ConvertRequest) -> ConversionPlan:
             outputs.append(TensorSpec(name, DTYPES[out_dtype], shapes[rel]))
     outputs.sort(key=lambda s: natural_key(s.name))
     copied = sorted(p for p in path.iterdir() if p.is_file() and COPIED_FILES.match(p.name))
-    return ConversionPlan(request, path, identity, config, geo, settings, ckpt, outputs, converted, copied)
+    return ConversionPlan(request, path, identity, config, geo, settings, ckpt, outputs, converted, copied, windows)
 
 
-def _read_attention(plan: ConversionPlan, layer: int) -> tuple[SourceAttention, InputMoment]:
-    fam, geo, ckpt = plan.geo.family, plan.geo, plan.checkpoint
-
-    def get(part: str, kind: str = "weight") -> torch.Tensor | None:
-        name = fam.tensor(layer, part, kind)
-        if kind == "bias" and not geo.qkv_bias:
-            return None
-        t = ckpt.read(name).to(torch.float64)
-        if not torch.isfinite(t).all():
-            raise InputError(f"tensor {name} holds NaN or Inf values")
-        return t
-
-    src = SourceAttention(
-        wq=get("q"), wk=get("k"), wv=get("v"),
-        n_heads=geo.n_heads, n_groups=geo.n_groups, head_dim=geo.head_dim,
-        bq=get("q", "bias"), bk=get("k", "bias"), bv=get("v", "bias"),
-        softmax_scale=geo.softmax_scale,
-    )
-    moment = InputMoment.data_free(ckpt.read(fam.norm(layer)))
-    return src, moment
+def _layer_converter(plan: ConversionPlan):
+    if plan.windows is None:
+        return DataFreeConverter(plan.checkpoint, plan.geo, plan.settings)
+    return CalibratedConverter(plan.checkpoint, plan.geo, plan.settings, plan.source_config, plan.windows,
+                               sequential=plan.request.sequential, device=plan.request.device)
 
 
 def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> ConversionResult:
@@ -256,7 +186,7 @@ def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> Co
     staged = StagedOutput(request.out, request.force, protect=[plan.source_path])
     try:
         ensure_free_space(staged.path, plan.output_bytes)
-        layer_settings = LayerSettings(s.kv_lora_rank, s.qk_rope_head_dim, s.freqfold, s.balance_kv)
+        convert_layer = _layer_converter(plan)
         out_dtype = to_torch_dtype(DTYPES[s.dtype])
         reports: list[dict[str, float]] = []
         current: tuple[int, dict[str, torch.Tensor]] | None = None
@@ -265,8 +195,7 @@ def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> Co
             if spec.name in plan.converted:
                 layer, rel = plan.converted[spec.name]
                 if current is None or current[0] != layer:
-                    src, moment = _read_attention(plan, layer)
-                    conv = convert_attention(src, moment, layer_settings)
+                    conv = convert_layer(layer)
                     reports.append({"layer": layer, **conv.report})
                     current = (layer, conv.tensors)
                     if progress:

@@ -52,6 +52,21 @@ def auto_freqfold(geo: SourceGeometry, rope_dim: int) -> int:
     return 2 * collapse if half % (2 * collapse) == 0 else collapse
 
 
+METHODS = ("pca", "transmla", "gqla")
+
+
+def _method(requested: str | None, calib: str) -> str:
+    """Default: ``gqla`` with calibration text, ``pca`` (data-free) without; calibrated methods need text."""
+    method = requested or ("pca" if calib == "none" else "gqla")
+    if method not in METHODS:
+        raise InputError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method != "pca" and calib == "none":
+        raise InputError(f"--method {method} needs calibration text (--calib PATH or --calib builtin:calib)")
+    if method == "pca" and calib != "none":
+        raise InputError("--method pca is data-free; drop --calib or pick --method transmla|gqla")
+    return method
+
+
 def resolve_settings(
     geo: SourceGeometry,
     *,
@@ -60,6 +75,7 @@ def resolve_settings(
     freqfold: str | int | None = None,
     recipe: str | None = None,
     calib: str = "none",
+    method: str | None = None,
     dtype: str,
 ) -> ConversionSettings:
     """Combine the default rule, the recipe and the flags; raise InputError on impossible values."""
@@ -95,7 +111,7 @@ def resolve_settings(
         freqfold=ff,
         freqfold_requested=requested,
         balance_kv=bool(base.get("balance_kv", True)),
-        method=str(base.get("method", "pca")),
+        method=_method(method or base.get("method"), calib),
         calib=calib,
         dtype=dtype,
         recipe=chosen.name if chosen else None,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .lowrank import factorize, relative_error
+from .lowrank import factorize, factorize_metric, psd_sqrt, relative_error
 from .moments import InputMoment, augment
 from .rorope import rope_basis
 
@@ -55,6 +55,34 @@ class LayerSettings:
 
 
 @dataclass
+class LayerObjective:
+    """What the conversion minimizes beyond plain key/value energy (all optional).
+
+    ``rope_weight[n_g, d/2]``: cost of losing RoPE per unit of key energy, per group and frequency
+    (FreqFold then keeps the components that are costliest to drop). ``nope_phase[n_g, d/2]``
+    (complex): the factor that best stands in for the rotation a dropped pair no longer gets,
+    folded into the nope key. ``key_metric``/``value_metric`` ``[n_g, d, d]``: output metrics of
+    the factorization (query second moment of the group's heads; ``sum_h W_O,h^T W_O,h``).
+    ``kv_balance``: weight of key error against value error (None: TransMLA's energy balance).
+    """
+
+    rope_weight: torch.Tensor | None = None
+    nope_phase: torch.Tensor | None = None
+    key_metric: torch.Tensor | None = None
+    value_metric: torch.Tensor | None = None
+    kv_balance: float | None = None
+
+
+def apply_phase(w: torch.Tensor, phase: torch.Tensor, n_groups: int, head_dim: int) -> torch.Tensor:
+    """Multiply each group's complex pair ``(i, i + d/2)`` of key rows ``w[n_g*d, C]`` by ``phase[n_g, d/2]``."""
+    half = head_dim // 2
+    w = w.reshape(n_groups, head_dim, -1)
+    re, im = w[:, :half], w[:, half:]
+    a, b = phase.real[..., None].to(w.dtype), phase.imag[..., None].to(w.dtype)
+    return torch.cat((a * re - b * im, b * re + a * im), dim=1).reshape(n_groups * head_dim, -1)
+
+
+@dataclass
 class ConvertedAttention:
     tensors: dict[str, torch.Tensor]  # float64, names relative to self_attn.
     report: dict[str, float] = field(default_factory=dict)
@@ -65,8 +93,11 @@ def max_rank(n_groups: int, head_dim: int, rope_dim: int, hidden: int) -> int:
     return min(2 * n_groups * head_dim - rope_dim, hidden)
 
 
-def convert_attention(src: SourceAttention, moment: InputMoment, settings: LayerSettings) -> ConvertedAttention:
+def convert_attention(
+    src: SourceAttention, moment: InputMoment, settings: LayerSettings, objective: LayerObjective | None = None
+) -> ConvertedAttention:
     """Run RoRoPE/FreqFold, the RoPE/nope split, the joint K/V factorization and scale folding."""
+    obj = objective or LayerObjective()
     n_h, n_g, d = src.n_heads, src.n_groups, src.head_dim
     d_r, r = settings.qk_rope_head_dim, settings.kv_lora_rank
     m = n_h // n_g
@@ -76,10 +107,12 @@ def convert_attention(src: SourceAttention, moment: InputMoment, settings: Layer
 
     # 1-3. RoPE subspace from the key second moment, then the split.
     key_gram = moment.gram(wk)
-    rb = rope_basis((key_gram + key_gram.T) / 2, n_g, d, d_r, settings.freqfold)
+    rb = rope_basis((key_gram + key_gram.T) / 2, n_g, d, d_r, settings.freqfold, obj.rope_weight)
     v_basis = rb.basis  # [n_g*d, d_R]
     w_rope = v_basis.T @ wk  # [d_R, D+1] RoPE key, interleaved slots
     w_nope = wk - v_basis @ w_rope  # [n_g*d, D+1] per-group nope keys
+    if obj.nope_phase is not None:
+        w_nope = apply_phase(w_nope, obj.nope_phase, n_g, d)
     w_nope[:, -1] = 0.0  # nope-key bias: softmax-invariant, dropped
     value_bias = wv[:, -1].clone()
     wv = wv.clone()
@@ -87,14 +120,17 @@ def convert_attention(src: SourceAttention, moment: InputMoment, settings: Layer
 
     # 4. Joint latent.
     joint = torch.cat((w_nope, wv), dim=0)  # [2*n_g*d, D+1]
-    row_weight = None
-    if settings.balance_kv:
-        e_k = float(torch.trace(moment.gram(w_nope)))
-        e_v = float(torch.trace(moment.gram(wv)))
-        if e_k > 0 and e_v > 0:
-            alpha = math.sqrt(e_v / e_k)
-            row_weight = torch.cat((torch.full((n_g * d,), alpha), torch.ones(n_g * d))).to(torch.float64)
-    fac = factorize(joint, moment, r, row_weight)
+    if obj.key_metric is not None and obj.value_metric is not None:
+        fac = factorize_metric(joint, moment, r, _metric_roots(w_nope, wv, moment, obj, n_g, d))
+    else:
+        row_weight = None
+        if settings.balance_kv:
+            e_k = float(torch.trace(moment.gram(w_nope)))
+            e_v = float(torch.trace(moment.gram(wv)))
+            if e_k > 0 and e_v > 0:
+                alpha = math.sqrt(e_v / e_k) * math.sqrt(obj.kv_balance or 1.0)
+                row_weight = torch.cat((torch.full((n_g * d,), alpha), torch.ones(n_g * d))).to(torch.float64)
+        fac = factorize(joint, moment, r, row_weight)
     approx = fac.up @ fac.down
     up_k = fac.up[: n_g * d].reshape(n_g, d, r)
     up_v = fac.up[n_g * d :].reshape(n_g, d, r)
@@ -125,3 +161,23 @@ def convert_attention(src: SourceAttention, moment: InputMoment, settings: Layer
         "value_rel_error": relative_error(wv, approx[n_g * d :], moment),
     }
     return ConvertedAttention(tensors=out, report=report)
+
+
+def _metric_roots(w_nope, wv, moment, obj: LayerObjective, n_g: int, d: int) -> torch.Tensor:
+    """Block roots of the factorization metric: keys ``sqrt(balance) M_g^1/2``, values ``N_g^1/2``.
+
+    Both metrics are first normalized to unit mean eigenvalue; then keys are scaled so that the
+    weighted key and value energies are equal (TransMLA's balance, in the attention's own metric),
+    times ``kv_balance``.
+    """
+    km, vm = psd_sqrt(obj.key_metric), psd_sqrt(obj.value_metric)
+    km = km / torch.diagonal(km, dim1=-2, dim2=-1).mean()
+    vm = vm / torch.diagonal(vm, dim1=-2, dim2=-1).mean()
+
+    def energy(roots, w):
+        lw = torch.einsum("kij,kjc->kic", roots, w.reshape(n_g, d, -1)).reshape(n_g * d, -1)
+        return float(torch.trace(moment.gram(lw)))
+
+    e_k, e_v = energy(km, w_nope), energy(vm, wv)
+    scale = math.sqrt(e_v / e_k) if e_k > 0 and e_v > 0 else 1.0
+    return torch.cat((km * scale * math.sqrt(obj.kv_balance or 1.0), vm), dim=0)

@@ -50,3 +50,30 @@ def relative_error(weight: torch.Tensor, approx: torch.Tensor, moment: InputMome
     num = torch.trace(moment.gram(diff))
     den = torch.trace(moment.gram(weight)).clamp_min(1e-300)
     return float(num / den)
+
+
+def factorize_metric(weight: torch.Tensor, moment: InputMoment, rank: int, metric_roots: torch.Tensor) -> Factorization:
+    """Factorize ``weight[m, D+1]`` minimizing ``E || L (W - B A) x ||^2`` for a block-diagonal ``L``.
+
+    ``metric_roots[k, b, b]`` are the square roots of the blocks of the output metric (``m = k b``),
+    e.g. per group the query second moment for keys and ``W_O^T W_O`` for values. ``L`` must be
+    invertible (callers add a ridge).
+    """
+    k, b, _ = metric_roots.shape
+    lw = torch.einsum("kij,kjc->kic", metric_roots, weight.reshape(k, b, -1)).reshape(k * b, -1)
+    gram = moment.gram(lw)
+    gram = (gram + gram.T) / 2
+    vals, q = top_eigvecs(gram, rank)
+    captured = float(vals.clamp_min(0).sum() / torch.trace(gram).clamp_min(1e-300))
+    down = q.T @ lw
+    up = torch.linalg.solve(metric_roots, q.reshape(k, b, rank)).reshape(k * b, rank)
+    return Factorization(up=up, down=down, captured=captured)
+
+
+def psd_sqrt(mats: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
+    """Symmetric square roots of PSD matrices ``[..., b, b]``, each with a relative ridge so it inverts."""
+    mats = (mats + mats.transpose(-1, -2)) / 2
+    scale = torch.diagonal(mats, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300)
+    vals, vecs = torch.linalg.eigh(mats)
+    vals = vals.clamp_min(0) + ridge * scale[..., None]
+    return (vecs * vals.sqrt()[..., None, :]) @ vecs.transpose(-1, -2)

@@ -53,9 +53,17 @@ def pair_energy(key_gram: torch.Tensor, n_groups: int, head_dim: int, freqs: lis
     return key_gram[idx][:, idx] + key_gram[idx + half][:, idx + half]
 
 
-def block_components(key_gram, n_groups, head_dim, freqs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Principal components of a frequency block: energies (descending) and vectors (columns)."""
-    vals, vecs = torch.linalg.eigh(pair_energy(key_gram, n_groups, head_dim, freqs))
+def block_components(key_gram, n_groups, head_dim, freqs, pair_weight=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Principal components of a frequency block: energies (descending) and vectors (columns).
+
+    ``pair_weight[n_g, d/2]`` (optional) scales each pair's energy (``W^1/2 E W^1/2``) so that the
+    components chosen are those whose loss of RoPE costs most, not merely the most energetic.
+    """
+    energy = pair_energy(key_gram, n_groups, head_dim, freqs)
+    if pair_weight is not None:
+        w = pair_weight[:, freqs].reshape(-1).sqrt()
+        energy = w[:, None] * energy * w[None, :]
+    vals, vecs = torch.linalg.eigh(energy)
     order = torch.argsort(vals, descending=True, stable=True)
     vecs = vecs[:, order]
     # Deterministic sign: the largest-magnitude entry of each component is positive.
@@ -75,7 +83,9 @@ def embed_component(u: torch.Tensor, n_groups: int, head_dim: int, freqs: list[i
     return re, im
 
 
-def rope_basis(key_gram: torch.Tensor, n_groups: int, head_dim: int, rope_dim: int, freqfold: int) -> RopeBasis:
+def rope_basis(
+    key_gram: torch.Tensor, n_groups: int, head_dim: int, rope_dim: int, freqfold: int, pair_weight: torch.Tensor | None = None
+) -> RopeBasis:
     """Choose the RoPE subspace by FreqFold PCA of ``key_gram`` (``[n_g*d, n_g*d]`` key second moment).
 
     Blocks are ``freqfold`` adjacent frequencies; slot ``p`` belongs to the block holding frequency
@@ -92,7 +102,7 @@ def rope_basis(key_gram: torch.Tensor, n_groups: int, head_dim: int, rope_dim: i
     columns: list[torch.Tensor | None] = [None] * rope_dim
     for block, slots in sorted(slots_of_block.items()):
         freqs = list(range(block * freqfold, (block + 1) * freqfold))
-        _, vecs = block_components(key_gram, n_groups, head_dim, freqs)
+        _, vecs = block_components(key_gram, n_groups, head_dim, freqs, pair_weight)
         kept = vecs[:, : len(slots)]
         weight = kept.reshape(n_groups, len(freqs), -1).pow(2).sum(0)  # [freq, component]
         mean_freq = (torch.tensor(freqs, dtype=weight.dtype)[:, None] * weight).sum(0)

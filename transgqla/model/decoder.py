@@ -37,7 +37,10 @@ class Decoder:
     def __init__(self, config: dict, tensors: Mapping[str, torch.Tensor], dtype=torch.float32, device="cpu"):
         self.config = config
         self.geo = self._geometry(config)
-        self.t = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        if isinstance(tensors, dict):
+            self.t = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        else:  # a lazy mapping (e.g. CheckpointTensors) that reads and casts on access
+            self.t = tensors
         self.dtype, self.device = dtype, torch.device(device)
         if self.geo.hidden_act not in ACTIVATIONS:
             raise ValueError(f"activation {self.geo.hidden_act!r} is not supported")
@@ -51,7 +54,7 @@ class Decoder:
 
     def layer(self, idx: int, prefix: str = "") -> dict[str, torch.Tensor]:
         head = f"model.layers.{idx}.{prefix}"
-        return {k[len(head):]: v for k, v in self.t.items() if k.startswith(head)}
+        return {k[len(head):]: self.t[k] for k in self.t if k.startswith(head)}
 
     def lm_head(self) -> torch.Tensor:
         w = self.t.get("lm_head.weight")
@@ -67,23 +70,31 @@ class Decoder:
     def block(self, i: int, h: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One decoder layer: pre-norm attention and pre-norm gated MLP, both residual."""
         h = h + self._attention(self.attention_input(i, h), self.layer(i, "self_attn."), positions, cache, i)
+        return self.mlp_residual(i, h)
+
+    def mlp_residual(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """``h + MLP(post_attention_layernorm(h))`` of layer ``i``."""
         x = rms_norm(h, self.t[f"model.layers.{i}.post_attention_layernorm.weight"], self.geo.eps)
         mlp = self.layer(i, "mlp.")
         gated = self.act(torch.nn.functional.linear(x, mlp["gate_proj.weight"], mlp.get("gate_proj.bias")))
         up = torch.nn.functional.linear(x, mlp["up_proj.weight"], mlp.get("up_proj.bias"))
         return h + torch.nn.functional.linear(gated * up, mlp["down_proj.weight"], mlp.get("down_proj.bias"))
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.t["model.embed_tokens.weight"][input_ids.to(self.device)]
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(rms_norm(h, self.t["model.norm.weight"], self.geo.eps), self.lm_head())
+
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits ``[B, T, V]`` for ``input_ids[B, T]`` following the tokens already in ``cache``."""
-        input_ids = input_ids.to(self.device)
         start = cache.length()
         positions = torch.arange(start, start + input_ids.shape[1], device=self.device)
-        h = self.t["model.embed_tokens.weight"][input_ids]
+        h = self.embed(input_ids)
         for i in range(self.geo.n_layers):
             h = self.block(i, h, positions, cache)
-        h = rms_norm(h, self.t["model.norm.weight"], self.geo.eps)
-        return torch.nn.functional.linear(h, self.lm_head())
+        return self.logits(h)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, path: str | None = None) -> torch.Tensor:

@@ -1,0 +1,90 @@
+"""Layer-by-layer calibration pass over the source checkpoint, in bounded memory.
+
+Only the calibration hidden states ``h[n, L, D]`` (float32) and one decoder layer's tensors are held.
+For layer ``l``: ``statistics(l)`` returns the input moment of its attention and a few sample input
+sequences; the caller converts the layer; ``advance(l, converted)`` pushes ``h`` through layer ``l``
+— through the source attention, or with ``sequential`` through the converted one, so that later
+layers are calibrated on what the converted model will actually feed them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..mathx.moments import InputMoment
+from ..model.attention import KVCache, attention
+from ..model.decoder import SourceDecoder, rms_norm
+from ..model.geometry import GQLAGeometry
+from ..model.lazy import CheckpointTensors
+
+
+@dataclass
+class LayerCalibration:
+    moment: InputMoment  # E[[x;1][x;1]^T] over all calibration tokens, float64
+    samples: torch.Tensor  # x for the first few windows, [s, L, D], float32
+    tokens: int
+
+
+class LayerwiseCalibration:
+    def __init__(self, checkpoint, config: dict, windows: torch.Tensor, *, sample_windows: int = 2,
+                 sequential: bool = False, micro_batch: int = 4, device: str = "cpu"):
+        self.dec = SourceDecoder(config, CheckpointTensors(checkpoint, torch.float32, device))
+        self.config, self.sequential, self.micro = config, sequential, micro_batch
+        self.device = torch.device(device)
+        self.n_samples = min(sample_windows, windows.shape[0])
+        with torch.no_grad():
+            embed = checkpoint.read("model.embed_tokens.weight")
+            self.h = embed[windows].to(device=self.device, dtype=torch.float32)
+            del embed
+        self.positions = torch.arange(windows.shape[1], device=self.device)
+        self.next_layer = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.h.shape[0] * self.h.shape[1]
+
+    def _chunks(self):
+        for i in range(0, self.h.shape[0], self.micro):
+            yield slice(i, i + self.micro)
+
+    @torch.no_grad()
+    def statistics(self, layer: int) -> LayerCalibration:
+        if layer != self.next_layer:
+            raise RuntimeError(f"calibration is at layer {self.next_layer}, asked for {layer}")
+        dim = self.h.shape[-1] + 1
+        acc = torch.zeros(dim, dim, dtype=torch.float64, device=self.device)
+        samples = []
+        norm_w = self.dec.t[f"model.layers.{layer}.input_layernorm.weight"]
+        for sl in self._chunks():
+            x = rms_norm(self.h[sl], norm_w, self.dec.geo.eps)
+            if sum(s.shape[0] for s in samples) < self.n_samples:
+                samples.append(x[: self.n_samples - sum(s.shape[0] for s in samples)].cpu())
+            xa = torch.cat((x.reshape(-1, x.shape[-1]), torch.ones(x.shape[0] * x.shape[1], 1, device=x.device)), 1)
+            acc += (xa.T @ xa).double()  # float32 products, float64 accumulation across chunks
+        moment = InputMoment(dense=(acc / self.tokens).cpu())
+        return LayerCalibration(moment=moment, samples=torch.cat(samples), tokens=self.tokens)
+
+    @torch.no_grad()
+    def advance(self, layer: int, converted: dict[str, torch.Tensor] | None = None, gqla_config: dict | None = None) -> None:
+        """Push the hidden states through ``layer`` (with its converted attention if sequential)."""
+        dec = self.dec
+        attn_src = dec.layer(layer, "self_attn.")
+        use_converted = self.sequential and converted is not None
+        if use_converted:
+            geo = GQLAGeometry.from_config(gqla_config)
+            params = {k: v.to(device=self.device, dtype=torch.float32) for k, v in converted.items()}
+            params["o_proj.weight"] = attn_src["o_proj.weight"]
+            if "o_proj.bias" in attn_src:
+                params["o_proj.bias"] = attn_src["o_proj.bias"]
+        for sl in self._chunks():
+            h = self.h[sl]
+            x = dec.attention_input(layer, h)
+            cache = KVCache("absorb" if use_converted else "source")
+            if use_converted:
+                h = h + attention(x, params, geo, self.positions, cache, 0, "absorb")
+            else:
+                h = h + dec._attention(x, attn_src, self.positions, cache, 0)
+            self.h[sl] = dec.mlp_residual(layer, h)
+        self.next_layer = layer + 1

@@ -1,0 +1,66 @@
+"""Per-layer attention conversion, data-free or calibrated; the writer asks for layers in order.
+
+Both converters are callables ``layer -> ConvertedAttention``. The calibrated one owns the
+layer-by-layer calibration pass, so asking for layer ``l`` first pushes the calibration hidden
+states through layers ``< l``.
+"""
+
+from __future__ import annotations
+
+from .calib.methods import LayerContext, convert_layer
+from .calib.runner import LayerwiseCalibration
+from .io import SafetensorsCheckpoint
+from .mathx.gqla_layer import ConvertedAttention, LayerSettings, convert_attention
+from .mathx.moments import InputMoment
+from .mathx.rope import inv_freq
+from .settings import ConversionSettings
+from .source_checkpoint import read_attention
+from .source_geometry import SourceGeometry
+
+
+def layer_settings(s: ConversionSettings) -> LayerSettings:
+    return LayerSettings(s.kv_lora_rank, s.qk_rope_head_dim, s.freqfold, s.balance_kv)
+
+
+class DataFreeConverter:
+    """Statistics from the weights alone (``--calib none``): input moment ``diag(gamma^2)``."""
+
+    def __init__(self, ckpt: SafetensorsCheckpoint, geo: SourceGeometry, settings: ConversionSettings):
+        self.ckpt, self.geo, self.settings = ckpt, geo, layer_settings(settings)
+
+    def __call__(self, layer: int) -> ConvertedAttention:
+        src = read_attention(self.ckpt, self.geo, layer)
+        moment = InputMoment.data_free(self.ckpt.read(self.geo.family.norm(layer)))
+        return convert_attention(src, moment, self.settings)
+
+
+class CalibratedConverter:
+    """Statistics from calibration text, gathered layer by layer from the streaming source."""
+
+    def __init__(self, ckpt, geo: SourceGeometry, settings: ConversionSettings, source_config: dict,
+                 windows, *, sequential: bool, device: str = "cpu", sample_windows: int = 2):
+        self.ckpt, self.geo, self.settings = ckpt, geo, settings
+        self.layer_settings = layer_settings(settings)
+        self.runner = LayerwiseCalibration(ckpt, source_config, windows, sample_windows=sample_windows,
+                                           sequential=sequential, device=device)
+        self.gqla_config = {
+            **source_config,
+            "qk_nope_head_dim": geo.head_dim, "qk_rope_head_dim": settings.qk_rope_head_dim,
+            "v_head_dim": geo.head_dim, "kv_lora_rank": settings.kv_lora_rank,
+        }
+        self.freqs = inv_freq(geo.head_dim, geo.rope_base, geo.rope_scaling)
+        self.window = self.runner.dec.geo.sliding_window
+
+    def __call__(self, layer: int) -> ConvertedAttention:
+        while self.runner.next_layer < layer:  # layers with nothing to convert still move the states
+            self.runner.advance(self.runner.next_layer)
+        src = read_attention(self.ckpt, self.geo, layer)
+        calib = self.runner.statistics(layer)
+        ctx = LayerContext(
+            wo=self.ckpt.read(self.geo.family.tensor(layer, "o")).double(),
+            freqs=self.freqs, window=self.window, gqla_config=self.gqla_config,
+        )
+        conv = convert_layer(src, calib, self.layer_settings, self.settings.method, ctx,
+                             search_freqfold=self.settings.freqfold_requested == "auto")
+        self.runner.advance(layer, conv.tensors, self.gqla_config)
+        return conv

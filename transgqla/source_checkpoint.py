@@ -1,0 +1,102 @@
+"""Open a source checkpoint: resolve it (folder, Hub id or demo), read its config, check every tensor
+the conversion needs against the config, and read one layer's attention on demand."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import InputError, UnsupportedError
+from .families import Family
+from .io import SafetensorsCheckpoint, resolve_source
+from .mathx.gqla_layer import SourceAttention
+from .source_geometry import SourceGeometry
+
+
+def natural_key(name: str) -> list[Any]:
+    """Sort ``layers.10`` after ``layers.9``: digits compare as numbers."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def load_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise InputError(f"{folder} has no config.json; is it a Hugging Face model folder?")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise InputError(f"{path} must hold a JSON object")
+    return cfg
+
+
+def resolve(source: str, revision: str | None) -> tuple[Path, dict[str, Any]]:
+    from .demo import is_demo_source, materialize_demo  # heavy optional imports happen inside materialize_demo
+
+    if is_demo_source(source):
+        path = materialize_demo()
+        return path, {"source": source, "demo": True, "local": True}
+    resolved = resolve_source(source, revision)
+    return resolved.path, dict(resolved.identity)
+
+
+def _expected_attention(fam: Family, geo: SourceGeometry, layer: int) -> dict[str, tuple[int, ...]]:
+    d, hd = geo.hidden, geo.head_dim
+    shapes = {
+        fam.tensor(layer, "q"): (geo.n_heads * hd, d),
+        fam.tensor(layer, "k"): (geo.n_groups * hd, d),
+        fam.tensor(layer, "v"): (geo.n_groups * hd, d),
+        fam.tensor(layer, "o"): (d, geo.n_heads * hd),
+    }
+    if geo.qkv_bias:
+        shapes[fam.tensor(layer, "q", "bias")] = (geo.n_heads * hd,)
+        shapes[fam.tensor(layer, "k", "bias")] = (geo.n_groups * hd,)
+        shapes[fam.tensor(layer, "v", "bias")] = (geo.n_groups * hd,)
+    shapes[fam.norm(layer)] = (d,)
+    return shapes
+
+
+def validate_tensors(ckpt: SafetensorsCheckpoint, geo: SourceGeometry) -> None:
+    fam = geo.family
+    names = set(ckpt.names)
+    for name in names:
+        for frag in fam.refused_tensors:
+            if frag in name:
+                raise UnsupportedError(f"tensor {name}: per-head q/k norms are not supported by GQLA conversion")
+    for layer in range(geo.n_layers):
+        for name, shape in _expected_attention(fam, geo, layer).items():
+            if name not in names:
+                raise InputError(f"tensor {name} is missing from the checkpoint")
+            got = ckpt.spec(name).shape
+            if tuple(got) != shape:
+                raise InputError(f"tensor {name} has shape {list(got)}, the config implies {list(shape)}")
+        if not geo.qkv_bias and fam.tensor(layer, "k", "bias") in names:
+            raise InputError(f"tensor {fam.tensor(layer, 'k', 'bias')} exists but the config declares no attention bias")
+    extra = [n for n in names if re.match(rf"model\.layers\.(\d+)\.", n) and int(n.split(".")[2]) >= geo.n_layers]
+    if extra:
+        raise InputError(f"tensor {sorted(extra, key=natural_key)[0]} belongs to a layer beyond num_hidden_layers={geo.n_layers}")
+
+
+def read_attention(ckpt: SafetensorsCheckpoint, geo: SourceGeometry, layer: int) -> SourceAttention:
+    fam = geo.family
+
+    def get(part: str, kind: str = "weight") -> torch.Tensor | None:
+        name = fam.tensor(layer, part, kind)
+        if kind == "bias" and not geo.qkv_bias:
+            return None
+        t = ckpt.read(name).to(torch.float64)
+        if not torch.isfinite(t).all():
+            raise InputError(f"tensor {name} holds NaN or Inf values")
+        return t
+
+    return SourceAttention(
+        wq=get("q"), wk=get("k"), wv=get("v"),
+        n_heads=geo.n_heads, n_groups=geo.n_groups, head_dim=geo.head_dim,
+        bq=get("q", "bias"), bk=get("k", "bias"), bv=get("v", "bias"),
+        softmax_scale=geo.softmax_scale,
+    )

@@ -1,0 +1,150 @@
+"""``transgqla verify``: is a GQLA checkpoint well formed, self-consistent, and how close to its source?
+
+Sections (each a few :class:`Check` s in the :class:`VerifyReport`):
+
+* ``structure`` -- config vs the format contract, tensor names/shapes/dtypes implied by the config,
+  NaN/Inf scan (tensor by tensor), index vs shard headers, manifest hashes.
+* ``paths`` -- absorb and GQA attention agree on every layer (prefill, cached decode s_q = 1, 2).
+* ``fidelity`` -- against the source (``source=`` or the config's recorded local folder): per-layer
+  attention error, KL(source || gqla), top-1 agreement, perplexities. Reported; bounded only on request.
+* ``decode`` -- greedy tokens identical on both paths; KV-cache bytes actually held vs the formulas.
+
+The model sections run only when the structure holds well enough to load the weights; they read the
+checkpoint layer by layer (the decode section alone holds the whole model, as decoding needs it).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Iterable
+
+from ..errors import InputError
+from ..model.decoder import GQLADecoder
+from .decode import check_decode
+from .fidelity import FIXED_SEQLEN, FIXED_WINDOWS, FidelityBounds, find_source, fidelity_checks, measure, no_source_checks, open_source
+from .inputs import LayerwiseModel, builtin_eval_text, encode, fixed_ids, load_tokenizer, read_text, resolve_device, resolve_dtype, windows
+from .paths import check_paths
+from .report import SECTIONS, Check, VerifyReport, skipped
+from .structure import check_structure
+
+__all__ = ["SECTIONS", "Check", "FidelityBounds", "VerifyReport", "run_verify"]
+
+DEFAULT_TOKENS = 32
+DEFAULT_SEQLEN = 512
+BUILTIN_WINDOWS = 2  # windows of the built-in text scored when no --text is given
+_SKIP_NAMES = {"paths": "paths.equivalence", "fidelity": "fidelity.source", "decode": "decode.tokens"}
+
+
+def _sections(checks: Iterable[str] | None) -> list[str]:
+    if checks is None:
+        return list(SECTIONS)
+    wanted = [c.strip() for c in checks if c.strip()]
+    bad = [c for c in wanted if c not in SECTIONS]
+    if bad or not wanted:
+        raise InputError(f"--checks takes a comma-separated subset of {','.join(SECTIONS)}; got {','.join(bad) or 'nothing'}")
+    return [s for s in SECTIONS if s in wanted]
+
+
+def _fidelity_text(tokenizer, text: Path | None, seqlen: int, vocab: int):
+    """(windows, description, real text?) for the fidelity section."""
+    if text is not None:
+        ids = encode(tokenizer, read_text(text), vocab)
+        wins, how, real = windows(ids, seqlen), f"{text}", True
+    elif tokenizer is not None:
+        body, how = builtin_eval_text()
+        wins, real = windows(encode(tokenizer, body, vocab), seqlen, BUILTIN_WINDOWS), True
+    else:
+        n = min(seqlen, FIXED_SEQLEN)
+        wins, how, real = windows(fixed_ids(FIXED_WINDOWS * n, vocab), n), "fixed token ids (no tokenizer)", False
+    if not wins:
+        raise InputError(f"the text {how} holds fewer than 2 tokens")
+    return wins, how, real
+
+
+def run_verify(
+    out: str | Path,
+    source: str | None = None,
+    text: str | Path | None = None,
+    device: str = "auto",
+    tokens: int = DEFAULT_TOKENS,
+    checks: Iterable[str] | None = None,
+    *,
+    dtype: str = "float32",
+    seqlen: int = DEFAULT_SEQLEN,
+    path_tol: float | None = None,
+    bounds: FidelityBounds | None = None,
+) -> VerifyReport:
+    """Verify the GQLA checkpoint at ``out``; the report says which checks held.
+
+    Raises :class:`~transgqla.errors.InputError` (and friends) for unusable arguments only; a
+    checkpoint that fails a check yields a report with ``ok == False``.
+    """
+    start = time.perf_counter()
+    out = Path(out)
+    if not out.is_dir():
+        raise InputError(f"checkpoint folder {out} does not exist or is not a folder")
+    wanted = _sections(checks)
+    if tokens < 1:
+        raise InputError(f"--tokens must be at least 1, got {tokens}")
+    if seqlen < 2:
+        raise InputError(f"--seqlen must be at least 2, got {seqlen}")
+    text = Path(text) if text is not None else None
+    if text is not None:
+        read_text(text)  # fail on a bad path before any work
+    bounds = bounds or FidelityBounds()
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    report = VerifyReport(str(out), info={"device": str(dev), "dtype": dtype, "sections": wanted})
+
+    st = check_structure(out, full="structure" in wanted)
+    for c in st.checks:
+        if "structure" in wanted or c.ok is False:  # failed gates are shown even when not requested
+            report.add(c)
+    try:
+        model_sections = [s for s in wanted if s != "structure"]
+        if not st.usable:
+            for s in model_sections:
+                report.add(skipped(_SKIP_NAMES[s], f"skipped: {st.blocker} failed, the weights cannot be loaded"))
+            return report
+        if not model_sections:
+            return report
+        cfg = st.config
+        tokenizer = load_tokenizer(out)
+        report.info["tokenizer"] = tokenizer is not None
+        if text is not None and tokenizer is None:
+            raise InputError(f"--text needs {out}/tokenizer.json and the tokenizers package to tokenize it")
+        model = LayerwiseModel(st.checkpoint, cfg, GQLADecoder, dt, dev)
+        if "paths" in wanted:
+            report.add(check_paths(model, tokenizer, path_tol))
+        if "fidelity" in wanted:
+            _fidelity(report, model, cfg, source, tokenizer, text, seqlen, bounds, dt, dev)
+        if "decode" in wanted:
+            dec = model.full()
+            for c in check_decode(dec, tokenizer, tokens):
+                report.add(c)
+            del dec
+        return report
+    finally:
+        if st.checkpoint is not None:
+            st.checkpoint.close()
+        report.info["seconds"] = round(time.perf_counter() - start, 3)
+
+
+def _fidelity(report, model, cfg, source, tokenizer, text, seqlen, bounds, dt, dev) -> None:
+    ref = find_source(cfg, source)
+    if not ref.usable:
+        report.info["source"] = None
+        for c in no_source_checks(ref.how, bounds):
+            report.add(c)
+        return
+    report.info["source"] = str(ref.path)
+    src = open_source(ref, cfg, dt, dev)
+    try:
+        wins, how, real = _fidelity_text(tokenizer, text, seqlen, int(cfg["vocab_size"]))
+        report.info["text"] = how
+        path = (cfg.get("gqla") or {}).get("decode_path", "absorb")
+        m = measure(src, model, wins, path)
+        for c in fidelity_checks(m, bounds, how, real, ref.how, ref.notes):
+            report.add(c)
+    finally:
+        src.ckpt.close()

@@ -111,6 +111,32 @@ def convert(
         out.print(conversion_table(summary, result.layer_reports))
 
 
+@app.command("eval-ppl")
+def eval_ppl(
+    model: str = typer.Argument(..., help="A source or GQLA checkpoint folder (or model id / demo:smollm2-135m)."),
+    text: list[str] = typer.Option(..., "--text", help="Text file(s) (.txt or .jsonl with 'text'), or builtin:eval."),
+    seqlen: int = typer.Option(512, "--seqlen", help="Window length; windows do not overlap."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Use at most this many tokens of the text."),
+    path: Optional[str] = typer.Option(None, "--path", help="absorb|gqa for GQLA checkpoints (default: config's)."),
+    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+) -> None:
+    """Perplexity on non-overlapping windows, computed layer by layer (bounded memory)."""
+    from transgqla.evaluate import perplexity
+
+    try:
+        result = perplexity(model, text, seqlen=seqlen, max_tokens=max_tokens, path=path, device=_device(device))
+    except TransGQLAError as exc:
+        _fail(exc, as_json)
+    doc = result.to_dict()
+    if as_json:
+        print(json.dumps({"ok": True, **doc}, indent=2))
+    else:
+        out.print(f"perplexity {doc['perplexity']:.3f} over {doc['tokens']} predicted tokens "
+                  f"({doc['windows']} windows of {doc['seqlen']}; {doc['kind']}{' ' + doc['path'] if doc['path'] else ''}; "
+                  f"{doc['seconds']:.1f} s)")
+
+
 @app.command()
 def recipes(as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout.")) -> None:
     """List the built-in recipes and what they match."""

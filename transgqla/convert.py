@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import hf_remote
 from .errors import InputError, TransGQLAError, UnsupportedError
 from .families import Family
 from .gqla_config import build_config, cache_sizes
@@ -31,6 +32,7 @@ from .source_geometry import SourceGeometry, read_geometry
 
 Progress = Callable[[str, int, int], None]
 MANIFEST = "transgqla-manifest.json"
+REMOTE_CODE = ("configuration_gqla.py", "modeling_gqla.py")
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 COPIED_FILES = re.compile(
     r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.json|merges\.txt|"
@@ -206,7 +208,10 @@ def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> Co
         files = writer.close()
         for src_file in plan.copied_files:
             files[src_file.name] = copy_file_hashed(src_file, staged.path / src_file.name)
-        config = build_config(plan.source_config, plan.geo, s, plan.identity, reports)
+        for code in REMOTE_CODE:  # so that transformers loads OUT with trust_remote_code=True
+            files[code] = copy_file_hashed(Path(hf_remote.__file__).parent / code, staged.path / code)
+        config = build_config(plan.source_config, plan.geo, s, plan.identity, reports,
+                              o_proj_bias=plan.geo.family.tensor(0, "o", "bias") in plan.checkpoint)
         config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
         (staged.path / "config.json").write_bytes(config_bytes)
         files["config.json"] = hashlib.sha256(config_bytes).hexdigest()

@@ -38,6 +38,7 @@ def build_config(
     source_identity: dict[str, Any],
     layer_reports: list[dict[str, float]],
     decode_path: str = "absorb",
+    o_proj_bias: bool = False,
 ) -> dict[str, Any]:
     cfg = {k: v for k, v in source_config.items() if k not in ("auto_map", "_name_or_path", "transformers_version")}
     cfg.update(
@@ -52,6 +53,7 @@ def build_config(
         num_key_value_heads=geo.n_groups,
         rope_interleave=True,
         attention_bias=geo.qkv_bias,
+        o_proj_bias=o_proj_bias,
     )
     cfg["gqla"] = {
         "format_version": FORMAT_VERSION,

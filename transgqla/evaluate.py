@@ -1,0 +1,90 @@
+"""Perplexity of a source or GQLA checkpoint, computed layer by layer in bounded memory.
+
+Windows are non-overlapping ``seqlen``-token slices of the tokenized text (no special tokens, a short
+tail dropped); each window is scored independently from its first token, and perplexity is
+``exp(mean NLL)`` over every predicted token (``seqlen - 1`` per window). Hidden states of all windows
+and one layer's tensors are in memory at a time, so the model size does not matter.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .calib.text import load_tokenizer, read_text, token_windows
+from .io import SafetensorsCheckpoint
+from .model.attention import PATHS
+from .model.decoder import Decoder, GQLADecoder, SourceDecoder
+from .model.lazy import CheckpointTensors
+from .source_checkpoint import load_config, resolve
+from .source_geometry import read_geometry
+from .errors import InputError
+
+
+@dataclass
+class PerplexityResult:
+    model: str
+    kind: str  # "gqla" or the source architecture
+    path: str | None
+    perplexity: float
+    nll: float
+    tokens: int
+    windows: int
+    seqlen: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def open_decoder(folder: Path, config: dict, dtype=torch.float32, device: str = "cpu") -> Decoder:
+    """A lazily-read decoder for a GQLA (``model_type: gqla``) or a supported source checkpoint."""
+    tensors = CheckpointTensors(SafetensorsCheckpoint(folder), dtype, device)
+    if config.get("model_type") == "gqla":
+        return GQLADecoder(config, tensors, dtype=dtype, device=device)
+    read_geometry(config)  # refuses unsupported sources with the usual message
+    return SourceDecoder(config, tensors, dtype=dtype, device=device)
+
+
+@torch.no_grad()
+def layerwise_nll(dec: Decoder, windows: torch.Tensor, path: str | None, micro_batch: int = 4) -> tuple[float, int]:
+    """Sum of next-token NLL over ``windows[n, L]`` and the number of predicted tokens."""
+    positions = torch.arange(windows.shape[1], device=dec.device)
+    h = dec.embed(windows).to(torch.float32)
+    for i in range(dec.geo.n_layers):
+        for s in range(0, h.shape[0], micro_batch):
+            sl = slice(s, s + micro_batch)
+            h[sl] = dec.block(i, h[sl], positions, dec.new_cache(path)).float()
+    total, count = 0.0, 0
+    for s in range(0, h.shape[0], micro_batch):
+        sl = slice(s, s + micro_batch)
+        logits = dec.logits(h[sl]).float()
+        targets = windows[sl, 1:].to(logits.device)
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+        total += float(nll)
+        count += targets.numel()
+    return total, count
+
+
+def perplexity(model: str, text: list[str], *, seqlen: int = 512, max_tokens: int | None = None,
+               path: str | None = None, device: str = "cpu") -> PerplexityResult:
+    start = time.perf_counter()
+    folder, _ = resolve(model, None)
+    config = load_config(folder)
+    is_gqla = config.get("model_type") == "gqla"
+    if path is not None and path not in PATHS:
+        raise InputError(f"--path must be one of {', '.join(PATHS)}")
+    if is_gqla:
+        path = path or config.get("gqla", {}).get("decode_path", "absorb")
+    elif path is not None:
+        raise InputError("--path applies to GQLA checkpoints only")
+    windows = token_windows(read_text(text), load_tokenizer(folder), seqlen, max_tokens)
+    dec = open_decoder(folder, config, device=device)
+    total, count = layerwise_nll(dec, windows, path)
+    kind = "gqla" if is_gqla else config["architectures"][0]
+    return PerplexityResult(model=model, kind=kind, path=path, perplexity=math.exp(total / count), nll=total / count,
+                            tokens=count, windows=windows.shape[0], seqlen=seqlen, seconds=time.perf_counter() - start)

@@ -140,7 +140,11 @@ def expected_tensors(cfg: dict[str, Any]) -> Expected:
             req[att + "q_proj.bias"] = (n_h * (dn + dr),)
             req[att + "kv_a_proj_with_mqa.bias"] = (r + dr,)
             req[att + "kv_b_proj.bias"] = (n_g * (dn + dv),)
-        opt[att + "o_proj.bias"] = (D,)  # Llama with attention_bias has one; Qwen2 has none
+        # Llama with attention_bias has an o_proj bias, Qwen2 none; a config that says so is held to it.
+        if "o_proj_bias" not in cfg:
+            opt[att + "o_proj.bias"] = (D,)
+        elif cfg["o_proj_bias"]:
+            req[att + "o_proj.bias"] = (D,)
     return Expected(req, opt)
 
 

@@ -20,6 +20,7 @@ from transgqla import __version__
 from transgqla.errors import TransGQLAError
 
 from .render import conversion_table, recipes_table
+from .verify_cmd import register as register_verify
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Convert GQA checkpoints to GQLA, verify and export them.")
 err = Console(stderr=True)
@@ -162,6 +163,9 @@ def _plan_doc(plan) -> dict[str, Any]:
         "tensors": len(plan.outputs),
         "output_bytes": plan.output_bytes,
     }
+
+
+register_verify(app)
 
 
 def main() -> None:

@@ -72,7 +72,8 @@ def _project(x, p, geo: GQLAGeometry, positions):
 
 def _softmax(scores, mask):
     scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores.float(), dim=-1).to(scores.dtype)
+    wide = torch.promote_types(scores.dtype, torch.float32)  # at least float32, float64 stays float64
+    return torch.softmax(scores.to(wide), dim=-1).to(scores.dtype)
 
 
 def _up_blocks(p, geo: GQLAGeometry):

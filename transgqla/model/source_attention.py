@@ -71,6 +71,7 @@ def gqa_attention(x, p, geo: GQAGeometry, positions, cache: KVCache, layer: int)
     m = geo.n_heads // geo.n_groups
     scores = q @ k_all.repeat_interleave(m, dim=1).transpose(2, 3) * geo.softmax_scale
     mask = causal_mask(positions, k_all.shape[2], geo.sliding_window)
-    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")).float(), dim=-1).to(x.dtype)
+    wide = torch.promote_types(x.dtype, torch.float32)
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")).to(wide), dim=-1).to(x.dtype)
     out = (probs @ v_all.repeat_interleave(m, dim=1)).transpose(1, 2).reshape(b, t, geo.n_heads * d)
     return torch.nn.functional.linear(out, p["o_proj.weight"], p.get("o_proj.bias"))

@@ -1,0 +1,100 @@
+"""``transgqla export OUT DST``: the CLI around :func:`transgqla.export.run_export`.
+
+stdout carries the summary (a rich table, or one JSON document with ``--json``); stderr carries one line
+on failure. Exit 0 when DST was written and its reference check passed; 5 when the check failed (the
+summary is printed first, DST is not written); the error's own code otherwise (2 input, 3 unsupported,
+4 output folder).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from transgqla.errors import TransGQLAError, VerificationError
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "0" if v == 0 else (f"{v:.3e}" if abs(v) < 1e-3 or abs(v) >= 1e5 else f"{v:.4g}")
+    return str(v)
+
+
+def export_table(s: dict[str, Any]) -> Table:
+    c = s["check"]
+    kind = f"{s['format']} format, {s['path']} path" + (", k/v folded" if s["fold_kv"] else "")
+    verdict = f"written to {s['dst']}" if s["ok"] else "check FAILED, nothing written"
+    table = Table(title=Text(f"export {kind}: {verdict}"), header_style="bold")
+    table.add_column("item")
+    table.add_column("value", justify="right")
+    table.add_row("from", s["out"])
+    table.add_row("tensors / bytes written", f"{s['tensors_written']} / {s['bytes_written'] / 1e6:.1f} MB"
+                  + (" (byte-identical)" if s.get("tensors_byte_identical") else ""))
+    table.add_row("KV cache / token / layer", str(s["cache_values_per_token"]))
+    if "latent_norm" in s:
+        ln = s["latent_norm"]
+        table.add_row("latent norm pinned: |scale - 1|", _fmt(ln["max_residual_scale_error"]))
+        table.add_row("latent norm worst-case rel. deviation", _fmt(ln["worst_case_rel_error"]))
+    table.add_row("reference", c["reference"])
+    table.add_row("checked", c["candidate"])
+    table.add_row("prompt", f"{c['prompt']['tokens']} tokens ({c['prompt']['source']}) + {c['greedy_tokens']} greedy")
+    table.add_row("max |logit error|", _fmt(c["max_abs_logit_error"]))
+    rel_ok = c["rel_logit_error"] <= c["tolerance"]
+    table.add_row("relative logit error", Text(f"{_fmt(c['rel_logit_error'])} (tolerance {_fmt(c['tolerance'])})",
+                                               style="green" if rel_ok else "bold red"))
+    toks = "equal" if c["greedy_tokens_equal"] else f"diverge at {c['greedy_tokens_matched']}"
+    if not c["greedy_tokens_required"]:
+        toks += " (reported only: half-precision fold)"
+    tok_style = "green" if c["greedy_tokens_equal"] else ("yellow" if not c["greedy_tokens_required"] else "bold red")
+    table.add_row(f"greedy tokens (N={c['greedy_tokens']})", Text(toks, style=tok_style))
+    for w in s["warnings"]:
+        table.add_row(Text("warning", style="yellow"), Text(w, style="yellow"))
+    table.add_row("time", f"{s['seconds']:.1f} s")
+    return table
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``export`` command to ``app``."""
+
+    @app.command("export")
+    def export(
+        out_dir: Path = typer.Argument(..., metavar="OUT", help="GQLA checkpoint folder (written by transgqla convert)."),
+        dst_dir: Path = typer.Argument(..., metavar="DST", help="Export folder (must be empty unless --force)."),
+        path: str = typer.Option(..., "--path", help="Decode path: absorb (MLA-like latent cache) | gqa (per-group K/V cache)."),
+        fmt: str = typer.Option("gqla", "--format", help="gqla (GQLA checkpoint, remote code) | deepseek (stock DeepSeek-V3, --path absorb)."),
+        fold_kv: bool = typer.Option(False, "--fold-kv", help="With --path gqa: fold kv_b_proj into per-group k_proj/v_proj for GQA runtimes."),
+        q_lora_bias: bool = typer.Option(False, "--q-lora-bias", help="With --format deepseek: carry a query bias (Qwen2) exactly through q_lora_rank = hidden_size + 1 instead of refusing."),
+        force: bool = typer.Option(False, "--force", help="Replace a non-empty DST."),
+        device: str = typer.Option("auto", "--device", help="Where the reference check runs: cpu|cuda|auto."),
+        tol: Optional[float] = typer.Option(None, "--tol", help="Relative logit error allowed by the check (default: 1e-4 for float32 weights; bfloat16/float16 5e-3/2e-3, or 2e-2/5e-3 with --fold-kv)."),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    ) -> None:
+        """Write OUT for a decode path / runtime, check it against the GQLA reference, then commit DST."""
+        from transgqla.export import ExportRequest, failure_message, run_export
+
+        out, err = Console(), Console(stderr=True)
+        request = ExportRequest(out_dir, dst_dir, path=path, format=fmt, fold_kv=fold_kv, query_bias_lora=q_lora_bias, force=force, device=device, tolerance=tol)
+        try:
+            result = run_export(request)
+        except TransGQLAError as exc:
+            if as_json:
+                print(json.dumps({"ok": False, "error": str(exc), "exit_code": exc.exit_code}))
+            err.print(Text(f"error: {exc}", style="bold red"), soft_wrap=True)
+            raise typer.Exit(exc.exit_code)
+        summary = result.summary()
+        if as_json:
+            print(json.dumps(summary, indent=2))
+        else:
+            out.print(export_table(summary))
+        for w in result.warnings:
+            if as_json:  # the table already shows them
+                err.print(Text(f"warning: {w}", style="yellow"), soft_wrap=True)
+        if not result.ok:
+            err.print(Text(f"error: {failure_message(result)}", style="bold red"), soft_wrap=True)
+            raise typer.Exit(VerificationError.exit_code)

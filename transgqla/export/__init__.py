@@ -1,0 +1,187 @@
+"""``transgqla export OUT DST``: write a GQLA checkpoint in the form a runtime loads, then check it.
+
+Forms (``--path`` / ``--format`` / ``--fold-kv``):
+
+* ``absorb`` or ``gqa``, format ``gqla``: OUT's tensors byte for byte, ``gqla.decode_path`` set, remote
+  code shipped (``from_pretrained(DST, trust_remote_code=True)``). See :mod:`.gqla_paths`.
+* ``gqa --fold-kv``: per-group ``k_proj``/``v_proj`` for ordinary GQA kernels (RoPE on the last ``d_R``
+  dims, interleaved). See :mod:`.gqla_paths`.
+* ``absorb``, format ``deepseek``: a stock DeepSeek-V3 checkpoint, ``AutoModelForCausalLM.from_pretrained(DST)``
+  without remote code. See :mod:`.deepseek`.
+
+Every export is written into a staging folder and checked against the GQLA reference decoder on OUT
+(:mod:`.check`); DST appears only when the check passes. A failed check leaves DST untouched and the
+result says by how much it failed (the CLI exits 5).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import InputError, VerificationError
+from ..io import StagedOutput, ensure_free_space
+from ..model.decoder import GQLADecoder
+from .check import CheckResult, FoldedGQADecoder, decoder_candidate, deepseek_candidate, run_check, tokens_must_match, tolerance_for
+from .source import GQLACheckpoint, open_gqla
+
+PATHS = ("absorb", "gqa")
+FORMATS = ("gqla", "deepseek")
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+__all__ = ["ExportRequest", "ExportResult", "run_export", "export", "PATHS", "FORMATS"]
+
+
+@dataclass
+class ExportRequest:
+    out: Path  # the GQLA checkpoint to read
+    dst: Path  # where to write
+    path: str = "absorb"
+    format: str = "gqla"
+    fold_kv: bool = False
+    query_bias_lora: bool = False  # deepseek: carry a query bias through q_lora_rank = D + 1 instead of refusing
+    force: bool = False
+    device: str = "cpu"  # where the reference check runs: cpu | cuda | auto
+    tolerance: float | None = None  # relative logit error allowed (default: by dtype, see check.TOLERANCES)
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES
+
+
+@dataclass
+class ExportResult:
+    request: ExportRequest
+    committed: bool
+    check: CheckResult
+    details: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.committed and self.check.ok
+
+    @property
+    def kind(self) -> str:
+        r = self.request
+        return f"{r.format}/{r.path}" + ("/folded" if r.fold_kv else "")
+
+    def summary(self) -> dict[str, Any]:
+        r = self.request
+        return {
+            "ok": self.ok,
+            "out": str(r.out),
+            "dst": str(r.dst),
+            "committed": self.committed,
+            "format": r.format,
+            "path": r.path,
+            "fold_kv": r.fold_kv,
+            **self.details,
+            "check": self.check.to_dict(),
+            "warnings": self.warnings,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def _validate(req: ExportRequest) -> None:
+    if req.path not in PATHS:
+        raise InputError(f"--path must be absorb or gqa, got {req.path!r}")
+    if req.format not in FORMATS:
+        raise InputError(f"--format must be gqla or deepseek, got {req.format!r}")
+    if req.fold_kv and req.path != "gqa":
+        raise InputError("--fold-kv folds kv_b_proj into per-group k/v projections for GQA runtimes; use it with --path gqa")
+    if req.format == "deepseek" and req.path != "absorb":
+        raise InputError("--format deepseek writes DeepSeek-V3's MLA (absorb path); use --path absorb, or --format gqla for the gqa path")
+    if req.fold_kv and req.format != "gqla":
+        raise InputError("--fold-kv writes the gqla format; drop --format deepseek")
+    if req.query_bias_lora and req.format != "deepseek":
+        raise InputError("--q-lora-bias applies to --format deepseek only")
+    if req.tolerance is not None and not req.tolerance > 0:
+        raise InputError(f"--tol must be positive, got {req.tolerance}")
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: CUDA is not available on this machine (use auto or cpu)")
+    if name not in ("cpu", "cuda"):
+        raise InputError(f"--device must be auto, cpu or cuda, got {name!r}")
+    return name
+
+
+def _write(req: ExportRequest, src: GQLACheckpoint, folder: Path, warnings: list[str]) -> tuple[dict, Any, str]:
+    """Write the export into ``folder``; return (details, candidate runner, candidate label)."""
+    if req.format == "deepseek":
+        from .deepseek import write_deepseek
+
+        details = write_deepseek(src, folder, req.max_shard_bytes, warnings, req.query_bias_lora)
+        return details, deepseek_candidate, "stock transformers DeepseekV3ForCausalLM on DST (float32)"
+    from .gqla_paths import write_folded, write_same
+
+    if req.fold_kv:
+        details = write_folded(src, folder, req.max_shard_bytes)
+        return details, decoder_candidate(FoldedGQADecoder, "folded"), "plain GQA attention on DST's folded k/v (float32)"
+    details = write_same(src, folder, req.path)
+    return details, decoder_candidate(GQLADecoder, req.path), f"GQLADecoder on DST, {req.path} path (float32)"
+
+
+def run_export(req: ExportRequest) -> ExportResult:
+    """Write, check, and commit DST when the check passes. Bad input raises a TransGQLAError (nothing
+    is left at DST); a failed check returns a result with ``ok == False`` (DST not written)."""
+    start = time.perf_counter()
+    _validate(req)
+    device = _device(req.device)
+    src = open_gqla(Path(req.out))
+    staged: StagedOutput | None = None
+    try:
+        warnings: list[str] = []
+        if req.format == "deepseek":
+            from .deepseek import check_supported
+
+            warnings += check_supported(src, req.query_bias_lora)
+        staged = StagedOutput(Path(req.dst), req.force, protect=[src.folder])
+        total = sum(src.ckpt.spec(n).nbytes for n in src.ckpt.names)
+        ensure_free_space(staged.path, int(total * (1.25 if req.format == "deepseek" else 1.0)))
+        details, candidate, label = _write(req, src, staged.path, warnings)
+        src.close()
+        dst_config = _read_json(staged.path / "config.json")
+        tol = req.tolerance if req.tolerance is not None else tolerance_for(src.dtype, req.fold_kv)
+        check = run_check(src.folder, src.config, staged.path, dst_config, candidate, label, tol, device,
+                          tokens_required=tokens_must_match(src.dtype, req.fold_kv))
+        committed = False
+        if check.ok:
+            staged.commit()
+            committed = True
+        return ExportResult(req, committed, check, details, warnings, time.perf_counter() - start)
+    finally:
+        src.close()
+        if staged is not None and not staged.committed:
+            shutil.rmtree(staged.path, ignore_errors=True)
+
+
+def export(req: ExportRequest) -> ExportResult:
+    """:func:`run_export`, raising VerificationError when the reference check fails."""
+    result = run_export(req)
+    if not result.ok:
+        raise VerificationError(failure_message(result))
+    return result
+
+
+def failure_message(result: ExportResult) -> str:
+    c = result.check
+    parts = []
+    if c.rel_error > c.tolerance:
+        parts.append(f"relative logit error {c.rel_error:.3e} exceeds {c.tolerance:.1e}")
+    if not c.tokens_equal and c.tokens_required:
+        parts.append(f"greedy tokens diverge at token {c.tokens_matched} of {len(c.tokens_reference)}")
+    return f"export check failed ({'; '.join(parts)}); {result.request.dst} not written"
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())

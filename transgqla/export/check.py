@@ -1,0 +1,228 @@
+"""The reference check every export runs on what it wrote, before DST is committed.
+
+Reference: :class:`~transgqla.model.decoder.GQLADecoder` on OUT (absorb path, float32). Candidate:
+
+* ``gqla`` format: ``GQLADecoder`` on DST's tensors, on the exported decode path;
+* ``gqla`` format with ``--fold-kv``: :class:`FoldedGQADecoder`, a plain grouped-query attention that uses
+  only DST's folded ``q_proj``/``k_proj``/``v_proj``/``o_proj``;
+* ``deepseek`` format: stock ``transformers.DeepseekV3ForCausalLM.from_pretrained(DST)`` (no remote code).
+
+Measured on a fixed prompt (OUT's tokenizer and :data:`~transgqla.verify.inputs.PROMPT`, else fixed ids):
+the prompt followed by the reference's ``GREEDY_TOKENS`` greedy tokens is scored teacher-forced by both
+models, giving the max absolute and the relative (Frobenius) logit error over every position; and each
+model generates ``GREEDY_TOKENS`` greedy tokens with its own KV cache, which are compared. The check
+passes when the relative error is within the tolerance (:func:`tolerance_for`) and the greedy tokens agree
+(:func:`tokens_must_match`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import UnsupportedError
+from ..io import SafetensorsCheckpoint
+from ..model.attention import KVCache, _softmax, causal_mask
+from ..model.decoder import Decoder, GQLADecoder
+from ..model.geometry import GQLAGeometry
+from ..mathx.rope import cos_sin, interleaved_layout
+from ..verify.inputs import PROMPT, encode, fixed_ids, load_tokenizer
+
+GREEDY_TOKENS = 16
+FIXED_PROMPT = 8
+#: Relative logit tolerance by the checkpoint's storage dtype (both sides compute in float32) for exports
+#: that write GQLA's own weights (byte copies, replicated blocks, pinned norms): float32 rounding only.
+TOLERANCES = {"F32": 1e-4, "F64": 1e-4, "BF16": 5e-3, "F16": 2e-3}
+#: ... and for exports whose new weights are products rounded to the checkpoint dtype (``--fold-kv``):
+#: a half-precision fold moves the logits by about the dtype's rounding (~1e-3 measured, tiny bf16 models).
+REROUNDED_TOLERANCES = {"F32": 1e-4, "F64": 1e-4, "BF16": 2e-2, "F16": 5e-3}
+HALF = ("BF16", "F16")
+
+
+def tolerance_for(safetensors_dtype: str, rerounded: bool = False) -> float:
+    table = REROUNDED_TOLERANCES if rerounded else TOLERANCES
+    return table.get(safetensors_dtype, 2e-2)
+
+
+def tokens_must_match(safetensors_dtype: str, rerounded: bool = False) -> bool:
+    """Greedy tokens gate the check unless the export re-rounds weights to half precision, where a
+    near-tie may legitimately flip (then the tokens are reported only)."""
+    return not (rerounded and safetensors_dtype in HALF)
+
+
+class FoldedGQADecoder(Decoder):
+    """A ``--fold-kv`` export run as ordinary grouped-query attention.
+
+    Per layer: ``q = q_proj x`` (``n_h`` heads of ``d_nope + d_R``), ``k = k_proj x`` (``n_g`` heads of
+    ``d_nope + d_R``), ``v = v_proj x`` (``n_g`` heads of ``d_v``); the last ``d_R`` dims of every q and k
+    head are interleaved RoPE pairs rotating at ``base^(-2p/d_R)`` (with the rope scaling); head ``h`` reads
+    KV head ``h // (n_h / n_g)``; softmax scale ``1/sqrt(d_nope + d_R)``. Nothing of GQLA's latent is used.
+    """
+
+    cache_path = "folded"
+
+    def _geometry(self, config):
+        return GQLAGeometry.from_config(config)
+
+    def _attention(self, x, p, positions, cache: KVCache, layer):
+        geo = self.geo
+        b, t, _ = x.shape
+        dq = geo.d_nope + geo.d_rope
+        cos, sin = cos_sin(geo.freqs, positions, dtype=x.dtype)
+
+        def heads(name: str, n: int, d: int) -> torch.Tensor:
+            y = torch.nn.functional.linear(x, p[f"{name}.weight"], p.get(f"{name}.bias"))
+            return y.view(b, t, n, d).transpose(1, 2)
+
+        def rope(z: torch.Tensor) -> torch.Tensor:
+            return torch.cat((z[..., : geo.d_nope], interleaved_layout(z[..., geo.d_nope :], cos, sin)), dim=-1)
+
+        q = rope(heads("q_proj", geo.n_heads, dq))
+        k = rope(heads("k_proj", geo.n_groups, dq))
+        v = heads("v_proj", geo.n_groups, geo.d_v)
+        k_all, v_all = cache.extend(layer, k, v)
+        m = geo.heads_per_group
+        scores = q @ k_all.repeat_interleave(m, dim=1).transpose(2, 3)
+        probs = _softmax(scores * geo.softmax_scale, causal_mask(positions, k_all.shape[2], geo.sliding_window))
+        out = (probs @ v_all.repeat_interleave(m, dim=1)).transpose(1, 2).reshape(b, t, geo.n_heads * geo.d_v)
+        return torch.nn.functional.linear(out, p["o_proj.weight"], p.get("o_proj.bias"))
+
+
+@dataclass
+class CheckResult:
+    reference: str
+    candidate: str
+    prompt_tokens: int
+    prompt_source: str
+    max_abs_error: float
+    rel_error: float
+    tolerance: float
+    tokens_reference: list[int]
+    tokens_candidate: list[int]
+    tokens_required: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def tokens_equal(self) -> bool:
+        return self.tokens_reference == self.tokens_candidate
+
+    @property
+    def tokens_matched(self) -> int:
+        """Leading greedy tokens on which the two models agree."""
+        n = 0
+        for a, b in zip(self.tokens_reference, self.tokens_candidate):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    @property
+    def ok(self) -> bool:
+        return self.rel_error <= self.tolerance and (self.tokens_equal or not self.tokens_required)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "reference": self.reference,
+            "candidate": self.candidate,
+            "prompt": {"tokens": self.prompt_tokens, "source": self.prompt_source},
+            "max_abs_logit_error": self.max_abs_error,
+            "rel_logit_error": self.rel_error,
+            "tolerance": self.tolerance,
+            "greedy_tokens": len(self.tokens_reference),
+            "greedy_tokens_equal": self.tokens_equal,
+            "greedy_tokens_matched": self.tokens_matched,
+            "greedy_tokens_required": self.tokens_required,
+            "tokens_reference": self.tokens_reference,
+            "tokens_candidate": self.tokens_candidate,
+            "notes": self.notes,
+        }
+
+
+def prompt_ids(folder: Path, vocab: int) -> tuple[torch.Tensor, str]:
+    """``[1, T]`` ids: the fixed prompt through ``folder``'s tokenizer, else fixed pseudo-random ids."""
+    tok = load_tokenizer(folder)
+    ids = encode(tok, PROMPT, vocab) if tok is not None else []
+    if len(ids) >= 2:
+        return torch.tensor(ids)[None], "tokenized prompt"
+    return torch.tensor(fixed_ids(FIXED_PROMPT, vocab))[None], "fixed token ids (no tokenizer)"
+
+
+def load_all(folder: Path, dtype=torch.float32, device="cpu") -> dict[str, torch.Tensor]:
+    with SafetensorsCheckpoint(folder) as ckpt:
+        return {n: ckpt.read(n).to(device=device, dtype=dtype) for n in ckpt.names}
+
+
+@torch.no_grad()
+def _decoder_outputs(dec: Decoder, ids: torch.Tensor, path: str, n: int, scored: torch.Tensor | None):
+    """(greedy tokens after ``ids``, logits of ``scored`` [or ids + greedy tokens] teacher-forced)."""
+    tokens = dec.generate(ids.to(dec.device), n, path)[0, ids.shape[1]:].tolist()
+    seq = scored if scored is not None else torch.cat((ids, torch.tensor(tokens)[None]), dim=1)
+    logits = dec.forward(seq.to(dec.device), dec.new_cache(path))
+    return tokens, logits.float().cpu()
+
+
+def reference_outputs(out: Path, config: dict, ids: torch.Tensor, device="cpu", n: int = GREEDY_TOKENS):
+    """GQLADecoder on OUT (absorb path, float32): (greedy tokens, teacher-forced logits of ids + tokens)."""
+    dec = GQLADecoder(config, load_all(out, device=device), dtype=torch.float32, device=device)
+    tokens, logits = _decoder_outputs(dec, ids, "absorb", n, None)
+    return tokens, logits
+
+
+def decoder_candidate(cls: type[Decoder], path: str) -> Callable:
+    def run(dst: Path, config: dict, ids: torch.Tensor, scored: torch.Tensor, device="cpu", n: int = GREEDY_TOKENS):
+        dec = cls(config, load_all(dst, device=device), dtype=torch.float32, device=device)
+        return _decoder_outputs(dec, ids, path, n, scored)
+
+    return run
+
+
+@torch.no_grad()
+def deepseek_candidate(dst: Path, config: dict, ids: torch.Tensor, scored: torch.Tensor, device="cpu", n: int = GREEDY_TOKENS):
+    """Stock ``DeepseekV3ForCausalLM`` (float32, no remote code): its ``generate()`` tokens and logits."""
+    import transformers
+    from transformers import DeepseekV3ForCausalLM, GenerationConfig
+
+    hf_log = transformers.utils.logging
+    verbosity, bars = hf_log.get_verbosity(), hf_log.is_progress_bar_enabled()
+    hf_log.set_verbosity_error()
+    hf_log.disable_progress_bar()
+    try:
+        model, info = DeepseekV3ForCausalLM.from_pretrained(dst, dtype=torch.float32, output_loading_info=True)
+    finally:
+        hf_log.set_verbosity(verbosity)
+        if bars:
+            hf_log.enable_progress_bar()
+    missing = list(info.get("missing_keys", [])) + list(info.get("unexpected_keys", [])) + list(info.get("mismatched_keys", []))
+    if missing:
+        raise UnsupportedError(f"stock DeepseekV3ForCausalLM does not load every tensor of the export: {missing[:4]}")
+    model = model.to(device).eval()
+    gen = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=n, min_new_tokens=n,
+                           eos_token_id=None, pad_token_id=0, bos_token_id=None)
+    ids_d = ids.to(device)
+    tokens = model.generate(ids_d, attention_mask=torch.ones_like(ids_d), generation_config=gen)[0, ids.shape[1]:].tolist()
+    logits = model(scored.to(device), use_cache=False).logits.float().cpu()
+    return tokens, logits
+
+
+def compare(ref_tokens, ref_logits, cand_tokens, cand_logits, *, reference, candidate, prompt_len, how, tolerance) -> CheckResult:
+    a, b = cand_logits.double(), ref_logits.double()
+    diff = a - b
+    rel = float(diff.norm() / b.norm().clamp_min(1e-30))
+    return CheckResult(reference, candidate, prompt_len, how, float(diff.abs().max()), rel, tolerance,
+                       list(ref_tokens), list(cand_tokens))
+
+
+def run_check(out: Path, out_config: dict, dst: Path, dst_config: dict, candidate: Callable, label: str,
+              tolerance: float, device="cpu", tokens_required: bool = True) -> CheckResult:
+    ids, how = prompt_ids(out, int(out_config["vocab_size"]))
+    ref_tokens, ref_logits = reference_outputs(out, out_config, ids, device)
+    scored = torch.cat((ids, torch.tensor(ref_tokens)[None]), dim=1)
+    cand_tokens, cand_logits = candidate(dst, dst_config, ids, scored, device)
+    result = compare(ref_tokens, ref_logits, cand_tokens, cand_logits, reference="GQLADecoder on OUT (absorb, float32)",
+                     candidate=label, prompt_len=ids.shape[1], how=how, tolerance=tolerance)
+    result.tokens_required = tokens_required
+    return result

@@ -1,0 +1,143 @@
+"""OUT, the GQLA checkpoint an export reads: config checks, geometry, per-layer attention tensors."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import InputError
+from ..io import SafetensorsCheckpoint, ShardedWriter
+from ..model.geometry import GQLAGeometry
+
+MANIFEST = "transgqla-manifest.json"
+REMOTE_CODE = ("configuration_gqla.py", "modeling_gqla.py")
+#: Files other than weights and config that travel with a checkpoint (same list as ``convert``).
+COPIED_FILES = re.compile(
+    r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.json|merges\.txt|"
+    r"generation_config\.json|chat_template.*|.*\.tiktoken|tokenizer\.model)$"
+)
+ATTN = "model.layers.{}.self_attn."
+
+
+@dataclass
+class GQLACheckpoint:
+    folder: Path
+    config: dict[str, Any]
+    geo: GQLAGeometry
+    ckpt: SafetensorsCheckpoint
+    dtype: str  # safetensors dtype of the attention weights
+
+    def attn(self, layer: int, rel: str) -> str:
+        return ATTN.format(layer) + rel
+
+    def read64(self, name: str) -> torch.Tensor | None:
+        """A tensor in float64, or None when the checkpoint does not hold it."""
+        return self.ckpt.read(name).to(torch.float64) if name in self.ckpt else None
+
+    def manifest(self) -> dict[str, str]:
+        path = self.folder / MANIFEST
+        try:
+            files = json.loads(path.read_text()).get("files", {})
+        except (OSError, ValueError, AttributeError):
+            return {}
+        return files if isinstance(files, dict) else {}
+
+    def extra_files(self) -> list[Path]:
+        return sorted(p for p in self.folder.iterdir() if p.is_file() and COPIED_FILES.match(p.name))
+
+    def close(self) -> None:
+        self.ckpt.close()
+
+
+def open_gqla(folder: Path) -> GQLACheckpoint:
+    """Open and check OUT: a GQLA format-1 checkpoint (not itself a folded export) with the attention
+    tensors its config implies. Raises InputError with one line otherwise."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"checkpoint folder {folder} does not exist or is not a folder")
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except FileNotFoundError:
+        raise InputError(f"{folder} has no config.json; is it a GQLA checkpoint written by transgqla convert?") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{folder}/config.json cannot be read: {exc}".splitlines()[0]) from None
+    gq = config.get("gqla") if isinstance(config, dict) else None
+    if not isinstance(config, dict) or config.get("model_type") != "gqla" or not isinstance(gq, dict):
+        kind = config.get("model_type") if isinstance(config, dict) else None
+        raise InputError(f"{folder} is not a GQLA checkpoint (model_type {kind!r}); export reads the output of transgqla convert")
+    if gq.get("format_version") != 1:
+        raise InputError(f"{folder} has GQLA format_version {gq.get('format_version')!r}; this transgqla reads version 1")
+    if (gq.get("export") or {}).get("folded"):
+        raise InputError(f"{folder} is a --fold-kv export (no latent left); export from the GQLA checkpoint it came from")
+    if config.get("q_lora_rank"):
+        raise InputError(f"{folder} has a factorized query (q_lora_rank); export supports q_proj checkpoints only")
+    try:
+        geo = GQLAGeometry.from_config(config)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{folder}/config.json lacks a GQLA geometry field: {exc}") from None
+    ckpt = SafetensorsCheckpoint(folder)
+    try:
+        n_h, n_g, dq, r = geo.n_heads, geo.n_groups, geo.d_nope + geo.d_rope, geo.rank
+        want = {
+            "q_proj.weight": (n_h * dq, geo.hidden),
+            "kv_a_proj_with_mqa.weight": (r + geo.d_rope, geo.hidden),
+            "kv_b_proj.weight": (n_g * (geo.d_nope + geo.d_v), r),
+            "o_proj.weight": (geo.hidden, n_h * geo.d_v),
+        }
+        optional = {
+            "q_proj.bias": (n_h * dq,),
+            "kv_a_proj_with_mqa.bias": (r + geo.d_rope,),
+            "kv_b_proj.bias": (n_g * (geo.d_nope + geo.d_v),),
+            "o_proj.bias": (geo.hidden,),
+        }
+        if n_h % n_g:
+            raise InputError(f"{folder}: num_attention_heads {n_h} is not a multiple of num_key_value_heads {n_g}")
+        for layer in range(geo.n_layers):
+            for rel, shape in list(want.items()) + list(optional.items()):
+                name = ATTN.format(layer) + rel
+                if name not in ckpt:
+                    if rel in want:
+                        raise InputError(f"{folder} lacks tensor {name}")
+                    continue
+                if ckpt.spec(name).shape != shape:
+                    raise InputError(f"{folder}: {name} has shape {list(ckpt.spec(name).shape)}, the config implies {list(shape)}")
+        dtype = ckpt.spec(ATTN.format(0) + "q_proj.weight").dtype
+        if dtype not in ("F32", "F16", "BF16", "F64"):
+            raise InputError(f"{folder}: attention weights are {dtype}; export needs float weights")
+    except Exception:
+        ckpt.close()
+        raise
+    return GQLACheckpoint(folder, config, geo, ckpt, dtype)
+
+
+def write_planned(src: GQLACheckpoint, folder: Path, specs, computed: set[str], compute: Callable[[int], dict],
+                  max_shard_bytes: int, aliases: dict[str, str] | None = None,
+                  metadata: dict[str, str] | None = None) -> dict[str, str]:
+    """Stream ``specs`` (in write order) into safetensors shards + index under ``folder``.
+
+    Names in ``computed`` come from ``compute(layer)`` (``{full name: tensor in the planned dtype}``,
+    called once per layer, one layer held at a time; computed names must be layer tensors). Every
+    other tensor is copied byte for byte from OUT, from ``aliases.get(name, name)``. Returns
+    ``{file: sha256}``.
+    """
+    aliases = aliases or {}
+    writer = ShardedWriter(folder, specs, max_shard_bytes, metadata or {})
+    current: tuple[int, dict] | None = None
+    try:
+        for spec in specs:
+            if spec.name in computed:
+                layer = int(spec.name.split(".")[2])
+                if current is None or current[0] != layer:
+                    current = (layer, compute(layer))
+                writer.write(spec.name, current[1][spec.name])
+            else:
+                writer.write(spec.name, src.ckpt.read_bytes(aliases.get(spec.name, spec.name)))
+        return writer.close()
+    except BaseException:
+        writer.abort()
+        raise

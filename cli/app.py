@@ -20,6 +20,7 @@ from transgqla import __version__
 from transgqla.errors import TransGQLAError
 
 from .render import conversion_table, recipes_table
+from .export_cmd import register as register_export
 from .verify_cmd import register as register_verify
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Convert GQA checkpoints to GQLA, verify and export them.")
@@ -166,6 +167,7 @@ def _plan_doc(plan) -> dict[str, Any]:
 
 
 register_verify(app)
+register_export(app)
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from ..mathx.moments import augment
 from ..mathx.rorope import check_geometry, pair_energy
 from ..model.attention import KVCache, attention
 from ..model.geometry import GQLAGeometry
+from .rope_search import AttentionErrorModel, greedy_rope_basis
 from .runner import LayerCalibration
 
 CALIBRATED_METHODS = ("transmla", "gqla")
@@ -67,7 +68,8 @@ def attention_output_error(src: SourceAttention, conv: ConvertedAttention, ctx: 
     return float((got - ref).pow(2).sum() / ref.pow(2).sum())
 
 
-def gqla_objective(src: SourceAttention, calib: LayerCalibration, ctx: LayerContext) -> LayerObjective:
+def gqla_objective(src: SourceAttention, calib: LayerCalibration, ctx: LayerContext, rope_dim: int,
+                   greedy_rope: bool = True) -> LayerObjective:
     """The attention-aware statistics of :class:`LayerObjective` for this layer."""
     n_g, d = src.n_groups, src.head_dim
     x = calib.samples.double()
@@ -80,7 +82,13 @@ def gqla_objective(src: SourceAttention, calib: LayerCalibration, ctx: LayerCont
     rope_weight = cost / energy.clamp_min(1e-30 * float(energy.max()))
     rope_weight = rope_weight / rope_weight.mean().clamp_min(1e-300)
     wq = augment(src.wq, src.bq).reshape(src.n_heads, d, -1)
+    basis = None
+    if greedy_rope:
+        v = torch.nn.functional.linear(x, src.wv.double(), src.bv).view(x.shape[0], x.shape[1], n_g, d).transpose(1, 2)
+        model = AttentionErrorModel(q, k, v, ctx.wo, ctx.freqs, phase, 1 / d**0.5, ctx.window)
+        basis, _ = greedy_rope_basis(model, gram, rope_weight, n_g, d, rope_dim)
     return LayerObjective(
+        rope_basis=basis,
         rope_weight=rope_weight,
         nope_phase=phase,
         key_metric=group_query_metric(wq, calib.moment, n_g),
@@ -94,15 +102,17 @@ def convert_layer(src: SourceAttention, calib: LayerCalibration, settings: Layer
     the key/value balance) whose attention output on the sample sequences is closest to the source's."""
     if method not in CALIBRATED_METHODS:
         raise ValueError(f"unknown calibrated method {method!r}")
-    ffs = freqfold_candidates(src.head_dim, settings.qk_rope_head_dim) if search_freqfold else [settings.freqfold]
     if method == "transmla":
+        ffs = freqfold_candidates(src.head_dim, settings.qk_rope_head_dim) if search_freqfold else [settings.freqfold]
         candidates = [(replace(settings, freqfold=ff), None) for ff in ffs]
-    else:
-        base = gqla_objective(src, calib, ctx)
-        candidates = [(replace(settings, freqfold=ff), replace(base, kv_balance=b)) for ff in ffs for b in BALANCE_GRID]
+    else:  # the greedy RoPE choice replaces FreqFold
+        base = gqla_objective(src, calib, ctx, settings.qk_rope_head_dim)
+        candidates = [(settings, replace(base, kv_balance=b)) for b in BALANCE_GRID]
     best = None
+    # gqla reconstructs keys and values where attention reads them (attention-weighted moment).
+    moment = calib.attention_moment if method == "gqla" and calib.attention_moment is not None else calib.moment
     for s, obj in candidates:
-        conv = convert_attention(src, calib.moment, s, obj)
+        conv = convert_attention(src, moment, s, obj)
         err = attention_output_error(src, conv, ctx, calib.samples)
         if best is None or err < best[0]:
             best = (err, conv, s, obj)

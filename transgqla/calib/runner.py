@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..mathx.attention_stats import source_attention_parts
 from ..mathx.moments import InputMoment
 from ..model.attention import KVCache, attention
 from ..model.decoder import SourceDecoder, rms_norm
@@ -25,6 +26,10 @@ class LayerCalibration:
     moment: InputMoment  # E[[x;1][x;1]^T] over all calibration tokens, float64
     samples: torch.Tensor  # x for the first few windows, [s, L, D], float32
     tokens: int
+    # The same moment with each token weighted by the attention it receives (summed over heads and
+    # queries): the tokens attention reads from, attention sinks first, are the ones whose keys and
+    # values must be reconstructed well.
+    attention_moment: InputMoment | None = None
 
 
 class LayerwiseCalibration:
@@ -50,21 +55,33 @@ class LayerwiseCalibration:
             yield slice(i, i + self.micro)
 
     @torch.no_grad()
-    def statistics(self, layer: int) -> LayerCalibration:
+    def statistics(self, layer: int, attention_weighted: bool = False) -> LayerCalibration:
         if layer != self.next_layer:
             raise RuntimeError(f"calibration is at layer {self.next_layer}, asked for {layer}")
         dim = self.h.shape[-1] + 1
         acc = torch.zeros(dim, dim, dtype=torch.float64, device=self.device)
+        acc_w = torch.zeros_like(acc) if attention_weighted else None
+        weight_sum = 0.0
         samples = []
         norm_w = self.dec.t[f"model.layers.{layer}.input_layernorm.weight"]
+        attn = self.dec.layer(layer, "self_attn.") if attention_weighted else None
+        geo = self.dec.geo
         for sl in self._chunks():
-            x = rms_norm(self.h[sl], norm_w, self.dec.geo.eps)
+            x = rms_norm(self.h[sl], norm_w, geo.eps)
             if sum(s.shape[0] for s in samples) < self.n_samples:
                 samples.append(x[: self.n_samples - sum(s.shape[0] for s in samples)].cpu())
             xa = torch.cat((x.reshape(-1, x.shape[-1]), torch.ones(x.shape[0] * x.shape[1], 1, device=x.device)), 1)
             acc += (xa.T @ xa).double()  # float32 products, float64 accumulation across chunks
+            if attention_weighted:
+                _, _, probs = source_attention_parts(
+                    x, attn["q_proj.weight"], attn.get("q_proj.bias"), attn["k_proj.weight"], attn.get("k_proj.bias"),
+                    geo.n_heads, geo.n_groups, geo.head_dim, geo.freqs, geo.sliding_window)
+                received = probs.sum(dim=(1, 2)).reshape(-1, 1)  # [B*L, 1]
+                acc_w += ((xa * received).T @ xa).double()
+                weight_sum += float(received.sum())
         moment = InputMoment(dense=(acc / self.tokens).cpu())
-        return LayerCalibration(moment=moment, samples=torch.cat(samples), tokens=self.tokens)
+        weighted = InputMoment(dense=(acc_w / weight_sum).cpu()) if attention_weighted else None
+        return LayerCalibration(moment=moment, samples=torch.cat(samples), tokens=self.tokens, attention_moment=weighted)
 
     @torch.no_grad()
     def advance(self, layer: int, converted: dict[str, torch.Tensor] | None = None, gqla_config: dict | None = None) -> None:

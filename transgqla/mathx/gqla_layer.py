@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .linalg import moment_trace
 from .lowrank import factorize, factorize_metric, psd_sqrt, relative_error
 from .moments import InputMoment, augment
 from .rorope import rope_basis
@@ -67,6 +68,7 @@ class LayerObjective:
     """
 
     rope_weight: torch.Tensor | None = None
+    rope_basis: torch.Tensor | None = None  # [n_g*d, d_R]: an explicit RoPE subspace (overrides FreqFold)
     nope_phase: torch.Tensor | None = None
     key_metric: torch.Tensor | None = None
     value_metric: torch.Tensor | None = None
@@ -107,8 +109,12 @@ def convert_attention(
 
     # 1-3. RoPE subspace from the key second moment, then the split.
     key_gram = moment.gram(wk)
-    rb = rope_basis((key_gram + key_gram.T) / 2, n_g, d, d_r, settings.freqfold, obj.rope_weight)
-    v_basis = rb.basis  # [n_g*d, d_R]
+    if obj.rope_basis is not None:
+        v_basis = obj.rope_basis
+        energy_kept = float(torch.trace(v_basis.T @ key_gram @ v_basis) / torch.trace(key_gram).clamp_min(1e-300))
+    else:
+        rb = rope_basis((key_gram + key_gram.T) / 2, n_g, d, d_r, settings.freqfold, obj.rope_weight)
+        v_basis, energy_kept = rb.basis, rb.energy_kept  # [n_g*d, d_R]
     w_rope = v_basis.T @ wk  # [d_R, D+1] RoPE key, interleaved slots
     w_nope = wk - v_basis @ w_rope  # [n_g*d, D+1] per-group nope keys
     if obj.nope_phase is not None:
@@ -125,11 +131,11 @@ def convert_attention(
     else:
         row_weight = None
         if settings.balance_kv:
-            e_k = float(torch.trace(moment.gram(w_nope)))
-            e_v = float(torch.trace(moment.gram(wv)))
+            e_k, e_v = moment_trace(w_nope, moment), moment_trace(wv, moment)
             if e_k > 0 and e_v > 0:
                 alpha = math.sqrt(e_v / e_k) * math.sqrt(obj.kv_balance or 1.0)
-                row_weight = torch.cat((torch.full((n_g * d,), alpha), torch.ones(n_g * d))).to(torch.float64)
+                row_weight = torch.cat((torch.full((n_g * d,), alpha, dtype=torch.float64),
+                                        torch.ones(n_g * d, dtype=torch.float64)))
         fac = factorize(joint, moment, r, row_weight)
     approx = fac.up @ fac.down
     up_k = fac.up[: n_g * d].reshape(n_g, d, r)
@@ -141,7 +147,9 @@ def convert_attention(
     q_mult = src_scale * math.sqrt(d + d_r)
     v_groups = v_basis.reshape(n_g, d, d_r)
     q_rope = torch.einsum("hdr,hdc->hrc", v_groups.repeat_interleave(m, dim=0), wq)  # [n_h, d_R, D+1]
-    q_all = torch.cat((wq, q_rope), dim=1) * q_mult  # [n_h, d + d_R, D+1]
+    q_all = torch.cat((wq, q_rope), dim=1)  # [n_h, d + d_R, D+1]
+    del q_rope
+    q_all *= q_mult
 
     out = {
         "q_proj.weight": q_all[..., :-1].reshape(n_h * (d + d_r), -1),
@@ -155,7 +163,7 @@ def convert_attention(
         kv_b_bias[:, d:] = value_bias.reshape(n_g, d)
         out["kv_b_proj.bias"] = kv_b_bias.reshape(-1)
     report = {
-        "rope_energy_kept": rb.energy_kept,
+        "rope_energy_kept": energy_kept,
         "kv_energy_captured": fac.captured,
         "key_nope_rel_error": relative_error(w_nope, approx[: n_g * d], moment),
         "value_rel_error": relative_error(wv, approx[n_g * d :], moment),
@@ -176,7 +184,7 @@ def _metric_roots(w_nope, wv, moment, obj: LayerObjective, n_g: int, d: int) -> 
 
     def energy(roots, w):
         lw = torch.einsum("kij,kjc->kic", roots, w.reshape(n_g, d, -1)).reshape(n_g * d, -1)
-        return float(torch.trace(moment.gram(lw)))
+        return moment_trace(lw, moment)
 
     e_k, e_v = energy(km, w_nope), energy(vm, wv)
     scale = math.sqrt(e_v / e_k) if e_k > 0 and e_v > 0 else 1.0

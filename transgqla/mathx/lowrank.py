@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .linalg import eigh_descending, moment_trace, single_thread
 from .moments import InputMoment
 
 
@@ -24,12 +25,8 @@ class Factorization:
 
 def top_eigvecs(sym: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``rank`` eigenpairs of a symmetric matrix, descending, with a deterministic sign."""
-    vals, vecs = torch.linalg.eigh(sym)
-    order = torch.argsort(vals, descending=True, stable=True)[:rank]
-    vals, vecs = vals[order], vecs[:, order]
-    pivot = vecs.abs().argmax(dim=0)
-    vecs = vecs * torch.sign(vecs[pivot, torch.arange(vecs.shape[1])])[None, :]
-    return vals, vecs
+    vals, vecs = eigh_descending(sym)
+    return vals[:rank], vecs[:, :rank]
 
 
 def factorize(weight: torch.Tensor, moment: InputMoment, rank: int, row_weight: torch.Tensor | None = None) -> Factorization:
@@ -46,10 +43,7 @@ def factorize(weight: torch.Tensor, moment: InputMoment, rank: int, row_weight: 
 
 def relative_error(weight: torch.Tensor, approx: torch.Tensor, moment: InputMoment) -> float:
     """``E||(W - W~) x||^2 / E||W x||^2`` under the input moment."""
-    diff = weight - approx
-    num = torch.trace(moment.gram(diff))
-    den = torch.trace(moment.gram(weight)).clamp_min(1e-300)
-    return float(num / den)
+    return moment_trace(weight - approx, moment) / max(moment_trace(weight, moment), 1e-300)
 
 
 def factorize_metric(weight: torch.Tensor, moment: InputMoment, rank: int, metric_roots: torch.Tensor) -> Factorization:
@@ -74,6 +68,7 @@ def psd_sqrt(mats: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
     """Symmetric square roots of PSD matrices ``[..., b, b]``, each with a relative ridge so it inverts."""
     mats = (mats + mats.transpose(-1, -2)) / 2
     scale = torch.diagonal(mats, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300)
-    vals, vecs = torch.linalg.eigh(mats)
+    with single_thread():
+        vals, vecs = torch.linalg.eigh(mats)
     vals = vals.clamp_min(0) + ridge * scale[..., None]
     return (vecs * vals.sqrt()[..., None, :]) @ vecs.transpose(-1, -2)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .linalg import eigh_descending
+
 
 @dataclass
 class RopeBasis:
@@ -63,13 +65,7 @@ def block_components(key_gram, n_groups, head_dim, freqs, pair_weight=None) -> t
     if pair_weight is not None:
         w = pair_weight[:, freqs].reshape(-1).sqrt()
         energy = w[:, None] * energy * w[None, :]
-    vals, vecs = torch.linalg.eigh(energy)
-    order = torch.argsort(vals, descending=True, stable=True)
-    vecs = vecs[:, order]
-    # Deterministic sign: the largest-magnitude entry of each component is positive.
-    pivot = vecs.abs().argmax(dim=0)
-    vecs = vecs * torch.sign(vecs[pivot, torch.arange(vecs.shape[1])])[None, :]
-    return vals[order], vecs
+    return eigh_descending(energy)
 
 
 def embed_component(u: torch.Tensor, n_groups: int, head_dim: int, freqs: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,9 @@ with their code; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Optional
 
@@ -48,6 +50,26 @@ def _fail(exc: TransGQLAError, as_json: bool) -> None:
     raise typer.Exit(exc.exit_code)
 
 
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _sigterm_as_interrupt():
+    """Make SIGTERM interrupt like Ctrl-C (the partial output stays resumable); returns the restorer."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _interrupted(exc: KeyboardInterrupt, as_json: bool) -> None:
+    message = str(exc) or "interrupted"
+    if as_json:
+        print(json.dumps({"ok": False, "error": message, "exit_code": 130}))
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(130)
+
+
 def _device(name: str) -> str:
     import torch
 
@@ -84,6 +106,7 @@ def convert(
     max_shard_size: float = typer.Option(5.0, "--max-shard-size", help="Shard size cap in GB."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan; write nothing."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty OUT."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted conversion from OUT's partial output (bit-identical result); starts fresh if there is none."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Stream a GQA checkpoint into a GQLA checkpoint (format v1)."""
@@ -93,8 +116,9 @@ def convert(
         source=source, out=out_dir, kv_lora_rank=kv_lora_rank, qk_rope_dim=qk_rope_dim, freqfold=freqfold,
         recipe=recipe, calib=None if calib == ["none"] else calib, calib_tokens=calib_tokens, calib_seqlen=calib_seqlen,
         method=method, sequential=sequential, device=_device(device), dtype=dtype, revision=revision, force=force,
-        max_shard_bytes=int(max_shard_size * 1e9),
+        max_shard_bytes=int(max_shard_size * 1e9), resume=resume,
     )
+    restore_sigterm = _sigterm_as_interrupt()
     try:
         plan = plan_conversion(request)
         if dry_run:
@@ -106,6 +130,10 @@ def convert(
             result = run_conversion(plan, lambda stage, done, total: bar.update(task, completed=done, total=total))
     except TransGQLAError as exc:
         _fail(exc, as_json)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the message says how to --resume
+        _interrupted(exc, as_json)
+    finally:
+        restore_sigterm()
     summary = result.summary()
     if as_json:
         print(json.dumps({"ok": True, **summary}, indent=2))

@@ -4,27 +4,48 @@ Plan first: the source is resolved, its config and every shard header validated,
 resolved and the full list of output tensors (names, dtypes, shapes) fixed before one byte is
 written. Then layer by layer: the layer's q/k/v are read (wherever their shards are), converted in
 float64 and written in the output dtype; every other tensor is copied byte for byte.
+
+Failure safety. Everything is written into ``.<OUT>.transgqla-partial`` (marked ``INCOMPLETE``) and
+renamed to OUT only when complete. Each output shard is renamed into place once whole and fsynced, and
+then recorded in ``transgqla-progress.json`` (written atomically) with its sha256, the layer reports
+known so far and a fingerprint of the plan (source, settings, output tensors, calibration tokens). With
+``resume=True`` a later run whose plan fingerprint matches re-verifies the recorded shards, keeps them
+and writes the rest; the result is bit-identical to an uninterrupted run because every shard's bytes
+are a pure function of the plan. Data-free conversions only recompute the layers that feed unfinished
+shards; calibrated ones recompute every layer in order (calibration must see the layers in order) and
+only skip writing the finished shards. The per-layer float64 math runs on a fixed number of torch
+threads (``TRANSGQLA_MATH_THREADS``, default 1) because LAPACK's eigh and torch's reductions give
+different bits for different thread counts.
+
+Test hook (used by tests/test_failure_safety.py, harmless otherwise): ``TRANSGQLA_TEST_KILL`` =
+``shard:N`` (after N shards were completed and journaled by this process), ``tensor:N`` (after N
+tensors were streamed by this process, usually mid-shard) or ``commit`` (everything written, just before
+the rename) sends the process ``TRANSGQLA_TEST_KILL_SIGNAL`` (``KILL`` by default; ``TERM``, ``INT``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
+import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
-from . import hf_remote
-from .errors import InputError, TransGQLAError, UnsupportedError
+from . import __version__, hf_remote
+from .errors import InputError, OutputError, UnsupportedError
 from .families import Family
 from .gqla_config import build_config, cache_sizes
 from .io import SafetensorsCheckpoint, ShardedWriter, StagedOutput, TensorSpec, copy_file_hashed, ensure_free_space
 from .io.safetensors_format import to_torch_dtype
+from .io.writer import MARKER, plan_shards, sha256_file, shard_file_name, staging_path, write_file_atomic
 from .layer_converters import CalibratedConverter, DataFreeConverter
 from .settings import ConversionSettings, resolve_settings
 from .source_checkpoint import load_config, natural_key, resolve, validate_tensors
@@ -41,6 +62,18 @@ COPIED_FILES = re.compile(
 DROPPED_TENSORS = re.compile(r"\.rotary_emb\.inv_freq$")  # stale buffers some old checkpoints saved
 DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 ATTN_SOURCE_PARTS = ("q", "k", "v")
+PROGRESS = "transgqla-progress.json"  # the resume journal inside the staging folder
+JOURNAL_VERSION = 1
+MATH_THREADS_ENV = "TRANSGQLA_MATH_THREADS"
+DEFAULT_MATH_THREADS = 1
+KILL_ENV = "TRANSGQLA_TEST_KILL"
+KILL_SIGNAL_ENV = "TRANSGQLA_TEST_KILL_SIGNAL"
+WRITER_METADATA = {"gqla_format_version": "1"}
+
+
+class ConversionInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM turned into KeyboardInterrupt) during a conversion; the message says
+    where the partial output is kept and that ``--resume`` continues it."""
 
 
 @dataclass
@@ -61,6 +94,7 @@ class ConvertRequest:
     revision: str | None = None
     force: bool = False
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
+    resume: bool = False  # continue from OUT's staging folder when its journal matches this plan
 
 
 @dataclass
@@ -76,6 +110,7 @@ class ConversionPlan:
     converted: dict[str, tuple[int, str]]  # output name -> (layer, name relative to self_attn.)
     copied_files: list[Path]
     windows: "torch.Tensor | None" = None  # calibration token windows [n, seqlen]
+    math_threads: int = DEFAULT_MATH_THREADS  # torch threads for the per-layer float64 math
 
     @property
     def output_bytes(self) -> int:
@@ -89,6 +124,7 @@ class ConversionResult:
     layer_reports: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     files: dict[str, str] = field(default_factory=dict)
+    resume: dict[str, Any] | None = None  # what --resume found and reused (None: not asked)
 
     def summary(self) -> dict[str, Any]:
         geo, s = self.plan.geo, self.plan.settings
@@ -105,6 +141,7 @@ class ConversionResult:
             "tensors_written": len(self.plan.outputs),
             "bytes_written": sum(t.nbytes for t in self.plan.outputs),
             "seconds": round(self.seconds, 3),
+            "resume": self.resume,
         }
 
 
@@ -134,7 +171,7 @@ def plan_conversion(request: ConvertRequest) -> ConversionPlan:
     geo = read_geometry(config)
     ckpt = SafetensorsCheckpoint(path)
     identity["fingerprint"] = ckpt.fingerprint()
-    validate_tensors(ckpt, geo)
+    validate_tensors(ckpt, geo, config)
     fam = geo.family
     src_dtype = ckpt.spec(fam.tensor(0, "q")).dtype
     if request.dtype is None:
@@ -171,7 +208,161 @@ def plan_conversion(request: ConvertRequest) -> ConversionPlan:
             outputs.append(TensorSpec(name, DTYPES[out_dtype], shapes[rel]))
     outputs.sort(key=lambda s: natural_key(s.name))
     copied = sorted(p for p in path.iterdir() if p.is_file() and COPIED_FILES.match(p.name))
-    return ConversionPlan(request, path, identity, config, geo, settings, ckpt, outputs, converted, copied, windows)
+    if request.max_shard_bytes <= 0:
+        raise InputError(f"--max-shard-size must be positive, got {request.max_shard_bytes} bytes")
+    return ConversionPlan(request, path, identity, config, geo, settings, ckpt, outputs, converted, copied, windows,
+                          _math_threads_setting())
+
+
+def _math_threads_setting() -> int:
+    raw = os.environ.get(MATH_THREADS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MATH_THREADS
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise InputError(f"{MATH_THREADS_ENV} must be a positive integer, got {raw!r}")
+    return n
+
+
+@contextmanager
+def _math_threads(n: int) -> Iterator[None]:
+    """Run the block on exactly ``n`` torch threads: eigh (MKL/LAPACK) and torch's parallel reductions
+    give different bits for different thread counts, and the output must not depend on the machine."""
+    before = torch.get_num_threads()
+    if before != n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if before != n:
+            torch.set_num_threads(before)
+
+
+def plan_fingerprint(plan: ConversionPlan) -> str:
+    """sha256 over everything the output shards' bytes depend on: source (headers, shard sizes and
+    modification times), settings, output tensor list and shard plan, calibration tokens, math threads."""
+    r = plan.request
+    files = []
+    for f in plan.checkpoint.files:
+        st = f.stat()
+        files.append([f.name, st.st_size, st.st_mtime_ns])
+    doc = {
+        "journal": JOURNAL_VERSION,
+        "tool_version": __version__,
+        "source_fingerprint": plan.checkpoint.fingerprint(),
+        "source_files": files,
+        "settings": plan.settings.to_dict(),
+        "outputs": [[s.name, s.dtype, list(s.shape)] for s in plan.outputs],
+        "shards": [[s.name for s in shard] for shard in plan_shards(plan.outputs, r.max_shard_bytes)],
+        "writer_metadata": WRITER_METADATA,
+        "calibration": None if plan.windows is None else {
+            "windows": hashlib.sha256(plan.windows.contiguous().numpy().tobytes()).hexdigest(),
+            "shape": list(plan.windows.shape), "sequential": r.sequential, "device": r.device,
+        },
+        "math_threads": plan.math_threads,
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class _ResumeState:
+    keep: bool  # reuse the staging folder
+    completed: dict[str, str]  # verified shard file -> sha256
+    layers: dict[int, dict[str, Any]]  # layer reports recorded by the interrupted run
+    note: str
+
+
+def _inspect_staging(staging: Path, fingerprint: str, force: bool, shard_files: list[str]) -> _ResumeState:
+    """Decide what a --resume run can keep. Reads only; a mismatching plan is an error unless forced."""
+    fresh = lambda note: _ResumeState(False, {}, {}, note)  # noqa: E731
+    if not staging.is_dir() or staging.is_symlink():
+        return fresh(f"no partial output at {staging}; started fresh")
+    try:
+        doc = json.loads((staging / PROGRESS).read_text(encoding="utf-8"))
+        if not isinstance(doc, dict) or doc.get("version") != JOURNAL_VERSION:
+            raise ValueError("unknown journal version")
+        plan_fp, shards, layers = doc["plan"], doc["shards"], doc["layers"]
+        if not isinstance(shards, dict) or not isinstance(layers, dict):
+            raise ValueError("bad journal")
+        layer_reports = {int(k): dict(v) for k, v in layers.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return fresh(f"partial output at {staging} has no usable progress journal; started fresh")
+    if plan_fp != fingerprint:
+        if force:
+            return fresh(f"partial output at {staging} was for another source or settings; discarded (--force)")
+        raise OutputError(
+            f"the partial output in {staging} was made from another source or with other settings; "
+            "rerun without --resume to start over (or with --force)"
+        )
+    completed = {}
+    for name, digest in shards.items():
+        if name in shard_files and (staging / name).is_file() and sha256_file(staging / name) == digest:
+            completed[name] = digest
+    return _ResumeState(True, completed, layer_reports,
+                        f"resumed from {staging}: {len(completed)} of {len(shard_files)} shards kept")
+
+
+class _Journal:
+    """``transgqla-progress.json`` in the staging folder, rewritten atomically after every shard."""
+
+    def __init__(self, folder: Path, fingerprint: str, shards: dict[str, str], layers: dict[int, dict[str, Any]]):
+        self.path = folder / PROGRESS
+        self.fingerprint, self.shards, self.layers = fingerprint, dict(shards), layers
+
+    def save(self) -> None:
+        doc = {
+            "version": JOURNAL_VERSION,
+            "plan": self.fingerprint,
+            "shards": dict(sorted(self.shards.items())),
+            "layers": {str(k): v for k, v in sorted(self.layers.items())},
+        }
+        write_file_atomic(self.path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
+
+    def remove(self) -> None:
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot remove {self.path}: {exc.strerror or exc}") from None
+
+
+class _KillHook:
+    """The fault-injection test hook (``TRANSGQLA_TEST_KILL``); inert unless the variable is set."""
+
+    def __init__(self) -> None:
+        spec = os.environ.get(KILL_ENV, "").strip()
+        self.point, _, count = spec.partition(":")
+        self.count = int(count) if count.strip().isdigit() else 0
+        self.signal = getattr(signal, "SIG" + os.environ.get(KILL_SIGNAL_ENV, "KILL").strip().upper(), None)
+        self.seen = {"shard": 0, "tensor": 0}
+
+    def __call__(self, point: str) -> None:
+        if not self.point or self.signal is None:
+            return
+        if point in self.seen:
+            self.seen[point] += 1
+            if point != self.point or self.seen[point] != self.count:
+                return
+        elif point != self.point:
+            return
+        os.kill(os.getpid(), self.signal)
+        time.sleep(0.5)  # let an asynchronous handler (TERM, INT) run here, not later
+
+
+def _clean_staging(staging: Path, keep: set[str]) -> None:
+    """Remove everything in the staging folder except the files named in ``keep``."""
+    try:
+        for entry in staging.iterdir():
+            if entry.name in keep:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    except OSError as exc:
+        raise OutputError(f"cannot clean the partial output in {staging}: {exc.strerror or exc}") from None
 
 
 def _layer_converter(plan: ConversionPlan):
@@ -182,48 +373,124 @@ def _layer_converter(plan: ConversionPlan):
 
 
 def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> ConversionResult:
-    """Write the planned checkpoint into a staged folder and move it to OUT when complete."""
+    """Write the planned checkpoint into a staged folder and move it to OUT when complete.
+
+    Input errors found while converting (NaN weights, a shard changed underneath) remove the staging
+    folder; output errors (disk full) and interrupts keep it, marked INCOMPLETE, for ``resume``."""
     request, s = plan.request, plan.settings
     start = time.perf_counter()
-    staged = StagedOutput(request.out, request.force, protect=[plan.source_path])
+    hook = _KillHook()
+    staging = staging_path(request.out)
+    staged: StagedOutput | None = None
+    writer: ShardedWriter | None = None
+    resume_info: dict[str, Any] | None = None
     try:
-        ensure_free_space(staged.path, plan.output_bytes)
+        fingerprint = plan_fingerprint(plan)
+        shard_plan = plan_shards(plan.outputs, request.max_shard_bytes)
+        shard_files = [shard_file_name(i, len(shard_plan)) for i in range(len(shard_plan))]
+        state = _ResumeState(False, {}, {}, "")
+        if request.resume:
+            state = _inspect_staging(staging, fingerprint, request.force, shard_files)
+            resume_info = {"staging": str(staging), "continued": state.keep,
+                           "shards_kept": len(state.completed), "shards_total": len(shard_files), "note": state.note}
+        kept_bytes = sum((staging / f).stat().st_size for f in state.completed)
+        ensure_free_space(staging, max(0, plan.output_bytes - kept_bytes))
+        staged = StagedOutput(request.out, request.force, protect=[plan.source_path], resume=state.keep)
+        if state.keep:
+            _clean_staging(staged.path, {MARKER, PROGRESS, *state.completed})
+        calibrated = plan.windows is not None
+        reports: dict[int, dict[str, Any]] = {} if calibrated else {
+            l: r for l, r in state.layers.items() if 0 <= l < plan.geo.n_layers}
+        journal = _Journal(staged.path, fingerprint, state.completed, reports)
+        journal.save()
+
+        def shard_done(index: int, name: str, digest: str) -> None:
+            journal.shards[name] = digest
+            journal.save()
+            hook("shard")
+
         convert_layer = _layer_converter(plan)
         out_dtype = to_torch_dtype(DTYPES[s.dtype])
-        reports: list[dict[str, float]] = []
         current: tuple[int, dict[str, torch.Tensor]] | None = None
-        writer = ShardedWriter(staged.path, plan.outputs, request.max_shard_bytes, {"gqla_format_version": "1"})
-        for i, spec in enumerate(plan.outputs):
+
+        def converted_layer(layer: int) -> dict[str, torch.Tensor]:
+            nonlocal current
+            if current is None or current[0] != layer:
+                with _math_threads(plan.math_threads):
+                    conv = convert_layer(layer)
+                reports[layer] = {"layer": layer, **conv.report}
+                current = (layer, conv.tensors)
+                if progress:
+                    progress("layers", len(reports), plan.geo.n_layers)
+            return current[1]
+
+        writer = ShardedWriter(staged.path, plan.outputs, request.max_shard_bytes, WRITER_METADATA,
+                               completed=state.completed, on_shard=shard_done)
+        assert writer.files == shard_files
+        if progress and reports:
+            progress("layers", len(reports), plan.geo.n_layers)
+        for spec in plan.outputs:
+            done = writer.is_done(spec.name)
             if spec.name in plan.converted:
                 layer, rel = plan.converted[spec.name]
-                if current is None or current[0] != layer:
-                    conv = convert_layer(layer)
-                    reports.append({"layer": layer, **conv.report})
-                    current = (layer, conv.tensors)
-                    if progress:
-                        progress("layers", len(reports), plan.geo.n_layers)
-                writer.write(spec.name, current[1][rel].to(out_dtype).contiguous())
+                if not done or calibrated:  # calibration must see every layer, in order
+                    tensors = converted_layer(layer)
+                if done:
+                    writer.skip(spec.name)
+                else:
+                    writer.write(spec.name, tensors[rel].to(out_dtype).contiguous())
+            elif done:
+                writer.skip(spec.name)
             else:
                 writer.write(spec.name, plan.checkpoint.read_bytes(spec.name))
+            if not done:
+                hook("tensor")
+        for layer in range(plan.geo.n_layers):  # a report the interrupted run did not record
+            if layer not in reports:
+                converted_layer(layer)
         files = writer.close()
         for src_file in plan.copied_files:
             files[src_file.name] = copy_file_hashed(src_file, staged.path / src_file.name)
         for code in REMOTE_CODE:  # so that transformers loads OUT with trust_remote_code=True
             files[code] = copy_file_hashed(Path(hf_remote.__file__).parent / code, staged.path / code)
-        config = build_config(plan.source_config, plan.geo, s, plan.identity, reports,
+        layer_reports = [reports[l] for l in sorted(reports)]
+        config = build_config(plan.source_config, plan.geo, s, plan.identity, layer_reports,
                               o_proj_bias=plan.geo.family.tensor(0, "o", "bias") in plan.checkpoint)
         config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
-        (staged.path / "config.json").write_bytes(config_bytes)
+        write_file_atomic(staged.path / "config.json", config_bytes)
         files["config.json"] = hashlib.sha256(config_bytes).hexdigest()
         manifest = {"format_version": 1, "files": dict(sorted(files.items()))}
-        (staged.path / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        write_file_atomic(staged.path / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+        journal.remove()
+        hook("commit")
         out = staged.commit()
-    except TransGQLAError:
-        shutil.rmtree(staged.path, ignore_errors=True)  # bad input: nothing worth resuming
+    except (InputError, UnsupportedError):
+        if writer is not None:
+            writer.abort()
+        if staged is not None:
+            shutil.rmtree(staged.path, ignore_errors=True)  # bad input: nothing worth resuming
+        raise
+    except OutputError as exc:
+        if writer is not None:
+            writer.abort()
+        if staged is None or staged.committed or not staged.path.is_dir():
+            raise
+        raise OutputError(f"{exc}; the partial output is kept in {staged.path}: rerun with --resume to continue") from None
+    except KeyboardInterrupt:
+        if writer is not None:
+            writer.abort()
+        if staged is None or staged.committed or not staged.path.is_dir():
+            raise ConversionInterrupted("interrupted; nothing was written") from None
+        raise ConversionInterrupted(
+            f"interrupted; the partial output is kept in {staged.path}: rerun the same command with --resume to continue"
+        ) from None
+    except BaseException:
+        if writer is not None:
+            writer.abort()
         raise
     finally:
         plan.checkpoint.close()
-    return ConversionResult(out, plan, reports, time.perf_counter() - start, files)
+    return ConversionResult(out, plan, layer_reports, time.perf_counter() - start, files, resume_info)
 
 
 def convert(request: ConvertRequest, progress: Progress | None = None) -> ConversionResult:

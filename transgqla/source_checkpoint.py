@@ -61,7 +61,29 @@ def _expected_attention(fam: Family, geo: SourceGeometry, layer: int) -> dict[st
     return shapes
 
 
-def validate_tensors(ckpt: SafetensorsCheckpoint, geo: SourceGeometry) -> None:
+def _expected_others(geo: SourceGeometry, config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Shapes the config implies for the copied (non-attention) tensors of the standard layout;
+    checked only where present, so that a wrong-shaped tensor is not passed through silently."""
+    d = geo.hidden
+    shapes: dict[str, tuple[int, ...]] = {"model.norm.weight": (d,)}
+    vocab = config.get("vocab_size")
+    if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0:
+        shapes["model.embed_tokens.weight"] = (vocab, d)
+        shapes["lm_head.weight"] = (vocab, d)
+    inter = config.get("intermediate_size")
+    for layer in range(geo.n_layers):
+        prefix = geo.family.layer_prefix.format(layer=layer)
+        shapes[prefix + "post_attention_layernorm.weight"] = (d,)
+        if isinstance(inter, int) and not isinstance(inter, bool) and inter > 0:
+            shapes[prefix + "mlp.gate_proj.weight"] = (inter, d)
+            shapes[prefix + "mlp.up_proj.weight"] = (inter, d)
+            shapes[prefix + "mlp.down_proj.weight"] = (d, inter)
+    return shapes
+
+
+def validate_tensors(ckpt: SafetensorsCheckpoint, geo: SourceGeometry, config: dict[str, Any] | None = None) -> None:
+    """One-line InputError for a missing or wrong-shaped attention tensor, a wrong-shaped standard
+    tensor (embeddings, norms, MLP; when ``config`` is given), or a layer beyond the config's count."""
     fam = geo.family
     names = set(ckpt.names)
     for name in names:
@@ -77,6 +99,9 @@ def validate_tensors(ckpt: SafetensorsCheckpoint, geo: SourceGeometry) -> None:
                 raise InputError(f"tensor {name} has shape {list(got)}, the config implies {list(shape)}")
         if not geo.qkv_bias and fam.tensor(layer, "k", "bias") in names:
             raise InputError(f"tensor {fam.tensor(layer, 'k', 'bias')} exists but the config declares no attention bias")
+    for name, shape in (_expected_others(geo, config) if config is not None else {}).items():
+        if name in names and tuple(ckpt.spec(name).shape) != shape:
+            raise InputError(f"tensor {name} has shape {list(ckpt.spec(name).shape)}, the config implies {list(shape)}")
     extra = [n for n in names if re.match(rf"model\.layers\.(\d+)\.", n) and int(n.split(".")[2]) >= geo.n_layers]
     if extra:
         raise InputError(f"tensor {sorted(extra, key=natural_key)[0]} belongs to a layer beyond num_hidden_layers={geo.n_layers}")

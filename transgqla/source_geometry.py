@@ -54,7 +54,7 @@ def read_geometry(config: dict[str, Any]) -> SourceGeometry:
     if missing:
         raise InputError(f"config.json is missing required keys: {', '.join(missing)}")
     hidden, n_heads = _int(config, "hidden_size"), _int(config, "num_attention_heads")
-    n_groups = _int(config, "num_key_value_heads") if "num_key_value_heads" in config else n_heads
+    n_groups = _int(config, "num_key_value_heads") if config.get("num_key_value_heads") is not None else n_heads
     if n_heads % n_groups:
         raise InputError(f"config.json: num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_groups}")
     head_dim = config.get("head_dim")
@@ -69,7 +69,12 @@ def read_geometry(config: dict[str, Any]) -> SourceGeometry:
     for key in ("query_pre_attn_scalar", "attn_logit_softcapping"):
         if config.get(key) is not None:
             raise UnsupportedError(f"config.json: '{key}' is not supported by the {family.name} converter")
-    base, scaling = rope_settings(config)
+    try:
+        base, scaling = rope_settings(config)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise InputError(f"config.json: unreadable RoPE settings (rope_theta / rope_scaling / rope_parameters): {exc}".splitlines()[0]) from None
+    if not math.isfinite(base) or base <= 1.0:
+        raise InputError(f"config.json: rope_theta must be a finite number above 1, found {base!r}")
     return SourceGeometry(
         family=family,
         architecture=config["architectures"][0],

@@ -192,6 +192,11 @@ class SafetensorsCheckpoint:
         except KeyError:
             raise InputError(f"tensor {name!r} is not in checkpoint {self.folder}") from None
 
+    @property
+    def files(self) -> list[Path]:
+        """The shard files of the checkpoint (paths inside the folder), sorted."""
+        return sorted(self._headers, key=str)
+
     def spec(self, name: str) -> TensorSpec:
         return self._entry(name)[1].spec
 

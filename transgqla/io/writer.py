@@ -5,6 +5,9 @@ any data exists, so every shard's header can be written first and tensor data st
 after it — memory holds one tensor at a time, and files are byte-deterministic.
 Why staged: a crash or error must never leave something that looks like a finished
 checkpoint at OUT; work happens in `.<name>.transgqla-partial` and is renamed at the end.
+Why resumable: each shard is written as `<shard>.partial` and renamed once complete and
+fsynced, so a shard file under its final name is always whole; the caller records finished
+shards (see `on_shard`) and a later run can pass them back as `completed` and skip them.
 """
 
 from __future__ import annotations
@@ -24,17 +27,22 @@ from transgqla.io.safetensors_format import TensorSpec, encode_header, to_torch_
 
 INDEX_NAME = "model.safetensors.index.json"
 MARKER = "INCOMPLETE"
+PARTIAL_SUFFIX = ".partial"  # a shard being written; renamed to its final name when complete
 CHUNK = 1 << 20  # 1 MiB
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 T = TypeVar("T")
 
 __all__ = [
+    "PARTIAL_SUFFIX",
     "plan_shards",
+    "shard_file_name",
+    "staging_path",
     "ShardedWriter",
     "StagedOutput",
     "ensure_free_space",
     "sha256_file",
     "copy_file_hashed",
+    "write_file_atomic",
 ]
 
 
@@ -72,8 +80,11 @@ def shard_file_name(i: int, n: int) -> str:
 class ShardedWriter:
     """Write a planned set of tensors as HF-style shards plus `model.safetensors.index.json`.
 
-    `write()` must be called once per planned tensor, in plan order; `close()` returns
-    `{relative file name: sha256 hex}` for every file written (hashed while streaming).
+    `write()` (or `skip()`, for a tensor whose shard is in `completed`) must be called once per
+    planned tensor, in plan order; `close()` returns `{relative file name: sha256 hex}` for every
+    file of the checkpoint (hashed while streaming; completed shards keep their given hash).
+    Each shard is streamed into `<name>.partial`, fsynced and renamed to `<name>` when its last
+    tensor is written; then `on_shard(index, file name, sha256)` is called.
     Shape/dtype/order mismatches raise ValueError (caller bugs); IO failures OutputError.
     """
 
@@ -83,6 +94,9 @@ class ShardedWriter:
         specs: list[TensorSpec],
         max_shard_bytes: int,
         metadata: dict[str, str] | None = None,
+        *,
+        completed: dict[str, str] | None = None,
+        on_shard: Callable[[int, str, str], None] | None = None,
     ) -> None:
         if not specs:
             raise ValueError("ShardedWriter needs at least one tensor")
@@ -93,13 +107,19 @@ class ShardedWriter:
         self.plan = plan_shards(list(specs), max_shard_bytes)
         n = len(self.plan)
         self.files = [shard_file_name(i, n) for i in range(n)]
+        unknown = set(completed or {}) - set(self.files)
+        if unknown:
+            raise ValueError(f"completed shards {sorted(unknown)} are not in the shard plan")
         self._headers = [encode_header(shard, self.metadata) for shard in self.plan]  # validates
         self._order = [(i, spec) for i, shard in enumerate(self.plan) for spec in shard]
+        self._shard_of = {spec.name: i for i, spec in self._order}
         self._next = 0
         self._fh: BinaryIO | None = None
-        self._path: Path | None = None
+        self._path: Path | None = None  # the shard's final path (the file being written is .partial)
         self._hash: hashlib._Hash | None = None
-        self.hashes: dict[str, str] = {}
+        self.hashes: dict[str, str] = dict(completed or {})
+        self._done = {self.files.index(f) for f in self.hashes}
+        self._on_shard = on_shard
         self._closed = False
 
     @property
@@ -107,9 +127,18 @@ class ShardedWriter:
         """Bytes of tensor data across all shards (the index's metadata.total_size)."""
         return sum(spec.nbytes for _, spec in self._order)
 
+    def shard_sizes(self) -> dict[str, int]:
+        """{shard file name: its size in bytes (header included)}."""
+        return {f: len(h) + sum(s.nbytes for s in shard) for f, h, shard in zip(self.files, self._headers, self.plan)}
+
+    def is_done(self, name: str) -> bool:
+        """True when the planned tensor `name` lies in a shard that is already complete."""
+        return self._shard_of[name] in self._done
+
     def _open(self, i: int) -> None:
         self._path = self.folder / self.files[i]
-        self._fh = _io(self._path, lambda: open(self._path, "wb"))
+        tmp = self._path.with_name(self._path.name + PARTIAL_SUFFIX)
+        self._fh = _io(self._path, lambda: open(tmp, "wb"))
         self._hash = hashlib.sha256()
         self._emit(self._headers[i])
 
@@ -119,22 +148,32 @@ class ShardedWriter:
         _io(self._path, lambda: fh.write(data))
         self._hash.update(data)
 
-    def _finish_shard(self) -> None:
+    def _finish_shard(self, i: int) -> None:
         assert self._fh is not None and self._hash is not None and self._path is not None
-        fh = self._fh
+        fh, path = self._fh, self._path
+        tmp = path.with_name(path.name + PARTIAL_SUFFIX)
 
-        def sync_close() -> None:
+        def sync_close_rename() -> None:
             fh.flush()
             os.fsync(fh.fileno())
             fh.close()
+            os.replace(tmp, path)
 
-        _io(self._path, sync_close)
-        self.hashes[self._path.name] = self._hash.hexdigest()
+        _io(path, sync_close_rename)
+        _fsync_dir(self.folder)
+        digest = self._hash.hexdigest()
+        self.hashes[path.name] = digest
+        self._done.add(i)
         self._fh = self._hash = None
+        if self._on_shard is not None:
+            self._on_shard(i, path.name, digest)
 
-    def write(self, name: str, data: torch.Tensor | bytes | bytearray | memoryview) -> None:
-        """Append the next planned tensor: a torch.Tensor of exactly the planned dtype and
-        shape (any device), or its raw little-endian bytes of exactly the planned length."""
+    def _advance(self, shard: int) -> None:
+        self._next += 1
+        if (self._next == len(self._order) or self._order[self._next][0] != shard) and shard not in self._done:
+            self._finish_shard(shard)
+
+    def _expect(self, name: str) -> tuple[int, TensorSpec]:
         if self._closed:
             raise ValueError("ShardedWriter is closed")
         if self._next >= len(self._order):
@@ -142,6 +181,21 @@ class ShardedWriter:
         shard, spec = self._order[self._next]
         if name != spec.name:
             raise ValueError(f"out-of-order write: expected {spec.name!r}, got {name!r}")
+        return shard, spec
+
+    def skip(self, name: str) -> None:
+        """Pass over the next planned tensor, which must lie in a completed shard."""
+        shard, _ = self._expect(name)
+        if shard not in self._done:
+            raise ValueError(f"tensor {name!r} is in shard {self.files[shard]}, which is not complete")
+        self._next += 1
+
+    def write(self, name: str, data: torch.Tensor | bytes | bytearray | memoryview) -> None:
+        """Append the next planned tensor: a torch.Tensor of exactly the planned dtype and
+        shape (any device), or its raw little-endian bytes of exactly the planned length."""
+        shard, spec = self._expect(name)
+        if shard in self._done:
+            raise ValueError(f"tensor {name!r} is in shard {self.files[shard]}, which is already complete; skip() it")
         if isinstance(data, torch.Tensor):
             want = to_torch_dtype(spec.dtype)
             if data.dtype != want or tuple(data.shape) != spec.shape:
@@ -158,9 +212,7 @@ class ShardedWriter:
         if self._fh is None:
             self._open(shard)
         self._emit(raw)
-        self._next += 1
-        if self._next == len(self._order) or self._order[self._next][0] != shard:
-            self._finish_shard()
+        self._advance(shard)
 
     def close(self) -> dict[str, str]:
         """Check every planned tensor was written, write the index; return file -> sha256."""
@@ -183,7 +235,7 @@ class ShardedWriter:
         _io(path, write_index)
         self.hashes[INDEX_NAME] = hashlib.sha256(data).hexdigest()
         self._closed = True
-        return dict(self.hashes)
+        return {f: self.hashes[f] for f in [*self.files, INDEX_NAME]}
 
     def abort(self) -> None:
         """Release the open file handle without writing the index (partial output stays)."""
@@ -201,6 +253,12 @@ class ShardedWriter:
     def __exit__(self, exc_type: object, *rest: object) -> None:
         if exc_type is not None:
             self.abort()
+
+
+def staging_path(out: Path) -> Path:
+    """Where `StagedOutput` builds OUT: `<parent>/.<name>.transgqla-partial`."""
+    out = Path(out).expanduser().absolute()
+    return out.parent / f".{out.name}.transgqla-partial"
 
 
 def _within(a: Path, b: Path) -> bool:
@@ -232,7 +290,7 @@ class StagedOutput:
             for keep in (Path.cwd().resolve(), Path.home().resolve()):
                 if _within(keep, target):
                     raise OutputError(f"refusing to replace {self.out}: it contains {keep}")
-        self.staging = self.out.parent / f".{self.out.name}.transgqla-partial"
+        self.staging = staging_path(self.out)
         self._old = self.out.parent / f".{self.out.name}.transgqla-old"
         self.committed = False
         if self.staging.is_symlink() or (self.staging.exists() and not self.staging.is_dir()):
@@ -320,6 +378,23 @@ def sha256_file(path: Path) -> str:
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
     return h.hexdigest()
+
+
+def write_file_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` atomically: write `<path>.tmp`, fsync, rename, fsync the folder.
+    A crash leaves either the old file or the new one, never a mix."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+
+    def write_replace() -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    _io(path, write_replace)
+    _fsync_dir(path.parent)
 
 
 def copy_file_hashed(src: Path, dst: Path) -> str:

@@ -55,7 +55,7 @@ class CalibratedConverter:
         while self.runner.next_layer < layer:  # layers with nothing to convert still move the states
             self.runner.advance(self.runner.next_layer)
         src = read_attention(self.ckpt, self.geo, layer)
-        calib = self.runner.statistics(layer)
+        calib = self.runner.statistics(layer, attention_weighted=self.settings.method == "gqla")
         ctx = LayerContext(
             wo=self.ckpt.read(self.geo.family.tensor(layer, "o")).double(),
             freqs=self.freqs, window=self.window, gqla_config=self.gqla_config,

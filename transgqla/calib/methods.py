@@ -26,7 +26,7 @@ from .rope_search import AttentionErrorModel, greedy_rope_basis
 from .runner import LayerCalibration
 
 CALIBRATED_METHODS = ("transmla", "gqla")
-BALANCE_GRID = (0.25, 0.5, 1.0, 2.0, 4.0)
+BALANCE_GRID = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 @dataclass

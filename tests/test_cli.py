@@ -105,3 +105,17 @@ def test_dry_run_writes_nothing(source_factory, tmp_path):
     r = invoke("convert", src, tmp_path / "out", "--dry-run", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["dry_run"] is True
     assert not (tmp_path / "out").exists()
+
+
+def test_calib_auto_uses_builtin_text_when_a_tokenizer_exists(source_factory, tmp_path):
+    from test_calibration import make_tokenizer
+
+    src, _ = source_factory("llama", layers=1)
+    r = invoke("convert", src, tmp_path / "plain", "--kv-lora-rank", 24, "--qk-rope-dim", 8, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["settings"]["calib"] == "none"
+    make_tokenizer(src)
+    r = invoke("convert", src, tmp_path / "auto", "--kv-lora-rank", 24, "--qk-rope-dim", 8, "--calib-tokens", 512,
+               "--calib-seqlen", 64, "--json")
+    assert r.exit_code == 0, r.output
+    settings = json.loads(r.stdout)["settings"]
+    assert settings["calib"] == "builtin:calib" and settings["method"] == "gqla"

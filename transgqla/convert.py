@@ -53,6 +53,7 @@ from .source_geometry import SourceGeometry, read_geometry
 
 Progress = Callable[[str, int, int], None]
 MANIFEST = "transgqla-manifest.json"
+AUTO_CALIB, BUILTIN_CALIB = "auto", "builtin:calib"
 REMOTE_CODE = ("configuration_gqla.py", "modeling_gqla.py")
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 COPIED_FILES = re.compile(
@@ -84,8 +85,8 @@ class ConvertRequest:
     qk_rope_dim: int | None = None
     freqfold: str | None = None
     recipe: str | None = None
-    calib: list[str] | None = None  # text files or builtin:NAME; None = data-free
-    calib_tokens: int = 65536
+    calib: list[str] | None = None  # text files or builtin:NAME; None = data-free; ["auto"] (the CLI's default)
+    calib_tokens: int = 16384
     calib_seqlen: int = 512
     method: str | None = None  # pca | transmla | gqla (default: gqla with calibration, pca without)
     sequential: bool = False
@@ -182,21 +183,24 @@ def plan_conversion(request: ConvertRequest) -> ConversionPlan:
         raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {request.dtype!r}")
     else:
         out_dtype = request.dtype
+    calib = request.calib
+    if calib == [AUTO_CALIB]:  # calibrate on the built-in text when the source has a tokenizer
+        calib = [BUILTIN_CALIB] if (path / "tokenizer.json").is_file() else None
     settings = resolve_settings(
         geo,
         kv_lora_rank=request.kv_lora_rank,
         qk_rope_dim=request.qk_rope_dim,
         freqfold=request.freqfold,
         recipe=request.recipe,
-        calib=",".join(request.calib) if request.calib else "none",
+        calib=",".join(calib) if calib else "none",
         method=request.method,
         dtype=out_dtype,
     )
     windows = None
-    if request.calib:
+    if calib:
         from .calib.text import load_tokenizer, read_text, token_windows
 
-        windows = token_windows(read_text(request.calib), load_tokenizer(path), request.calib_seqlen, request.calib_tokens)
+        windows = token_windows(read_text(calib), load_tokenizer(path), request.calib_seqlen, request.calib_tokens)
     replaced = {fam.tensor(l, p, k) for l in range(geo.n_layers) for p in ATTN_SOURCE_PARTS for k in ("weight", "bias")}
     outputs = [ckpt.spec(n) for n in ckpt.names if n not in replaced and not DROPPED_TENSORS.search(n)]
     shapes = _output_shapes(geo, settings)
@@ -419,7 +423,9 @@ def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> Co
                 with _math_threads(plan.math_threads):
                     conv = convert_layer(layer)
                 reports[layer] = {"layer": layer, **conv.report}
-                current = (layer, conv.tensors)
+                # Cast now: the float64 tensors would otherwise stay alive through the next big reads.
+                current = (layer, {k: v.to(out_dtype) for k, v in conv.tensors.items()})
+                del conv
                 if progress:
                     progress("layers", len(reports), plan.geo.n_layers)
             return current[1]
@@ -438,7 +444,7 @@ def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> Co
                 if done:
                     writer.skip(spec.name)
                 else:
-                    writer.write(spec.name, tensors[rel].to(out_dtype).contiguous())
+                    writer.write(spec.name, tensors[rel].contiguous())
             elif done:
                 writer.skip(spec.name)
             else:

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from ..errors import InputError, TransGQLAError
-from ..io import SafetensorsCheckpoint, resolve_source
+from ..io import SafetensorsCheckpoint
+from ..source_checkpoint import resolve
 from ..model.attention import KVCache, attention
 from ..model.decoder import SourceDecoder
 from ..model.source_attention import gqa_attention
@@ -52,10 +53,15 @@ def find_source(cfg: dict[str, Any], source: str | None) -> SourceRef:
     """``--source`` (local folder or Hub id), else the config's ``gqla.source`` if it is a local folder."""
     recorded = (cfg.get("gqla") or {}).get("source") or {}
     if source:
-        ref = SourceRef(resolve_source(source).path, f"--source {source}")
+        ref = SourceRef(resolve(source, None)[0], f"--source {source}")
+    elif recorded.get("demo") and isinstance(recorded.get("source"), str):
+        try:
+            ref = SourceRef(resolve(recorded["source"], None)[0], f"gqla.source {recorded['source']}")
+        except TransGQLAError as exc:
+            return SourceRef(None, f"the recorded demo source is not available here ({exc})", usable=False)
     else:
         loc = recorded.get("source")
-        if not (recorded.get("local") and isinstance(loc, str) and not recorded.get("demo")):
+        if not (recorded.get("local") and isinstance(loc, str)):
             return SourceRef(None, "no local source recorded in config.json; pass --source SRC", usable=False)
         if not Path(loc).expanduser().is_dir():
             return SourceRef(None, f"the recorded source {loc} does not exist here; pass --source SRC", usable=False)

@@ -11,6 +11,19 @@ import torch
 from ..mathx.rope import inv_freq, rope_settings
 
 
+def block_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The decoder-block settings GQLA and source configs share (a disabled sliding window reads as None)."""
+    window = None if cfg.get("use_sliding_window") is False else cfg.get("sliding_window")
+    return {
+        "hidden": int(cfg["hidden_size"]),
+        "n_layers": int(cfg["num_hidden_layers"]),
+        "eps": float(cfg.get("rms_norm_eps", 1e-6)),
+        "sliding_window": int(window) if window else None,
+        "hidden_act": str(cfg.get("hidden_act", "silu")),
+        "tie_embeddings": bool(cfg.get("tie_word_embeddings", False)),
+    }
+
+
 @dataclass
 class GQLAGeometry:
     hidden: int
@@ -39,23 +52,15 @@ class GQLAGeometry:
     def from_config(cls, cfg: dict[str, Any]) -> "GQLAGeometry":
         base, scaling = rope_settings(cfg)
         d_rope = int(cfg["qk_rope_head_dim"])
-        window = cfg.get("sliding_window")
-        if cfg.get("use_sliding_window") is False:
-            window = None
         return cls(
-            hidden=int(cfg["hidden_size"]),
+            **block_fields(cfg),
             n_heads=int(cfg["num_attention_heads"]),
             n_groups=int(cfg["num_key_value_heads"]),
             d_nope=int(cfg["qk_nope_head_dim"]),
             d_rope=d_rope,
             d_v=int(cfg["v_head_dim"]),
             rank=int(cfg["kv_lora_rank"]),
-            n_layers=int(cfg["num_hidden_layers"]),
-            eps=float(cfg.get("rms_norm_eps", 1e-6)),
             freqs=inv_freq(d_rope, base, scaling),
-            sliding_window=int(window) if window else None,
-            hidden_act=str(cfg.get("hidden_act", "silu")),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         )
 
     def cache_values_per_token(self, path: str, replicate_rope: bool = True) -> int:

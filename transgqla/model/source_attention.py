@@ -14,6 +14,7 @@ import torch
 
 from ..mathx.rope import cos_sin, inv_freq, rope_settings, rotate_half_layout
 from .attention import KVCache, causal_mask
+from .geometry import block_fields
 
 
 @dataclass
@@ -38,20 +39,12 @@ class GQAGeometry:
         base, scaling = rope_settings(cfg)
         n_heads = int(cfg["num_attention_heads"])
         head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // n_heads)
-        window = cfg.get("sliding_window")
-        if cfg.get("use_sliding_window") is False:
-            window = None
         return cls(
-            hidden=int(cfg["hidden_size"]),
+            **block_fields(cfg),
             n_heads=n_heads,
             n_groups=int(cfg.get("num_key_value_heads") or n_heads),
             head_dim=head_dim,
-            n_layers=int(cfg["num_hidden_layers"]),
-            eps=float(cfg.get("rms_norm_eps", 1e-6)),
             freqs=inv_freq(head_dim, base, scaling),
-            sliding_window=int(window) if window else None,
-            hidden_act=str(cfg.get("hidden_act", "silu")),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         )
 
 

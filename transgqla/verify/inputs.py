@@ -94,6 +94,11 @@ def builtin_eval_text() -> tuple[str, str]:
 
 
 def read_text(path: Path) -> str:
+    """A text file, or ``builtin:NAME`` (the offline texts of :mod:`transgqla.texts`) as for calibration."""
+    if str(path).startswith("builtin:"):
+        from ..calib.text import read_text as read_sources
+
+        return read_sources([str(path)])
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -55,7 +55,7 @@ def freqfold_candidates(head_dim: int, rope_dim: int) -> list[int]:
 def attention_output_error(src: SourceAttention, conv: ConvertedAttention, ctx: LayerContext, x: torch.Tensor) -> float:
     """``||o_gqla - o_src||^2 / ||o_src||^2`` of the layer's attention output (after ``o_proj``) on ``x``."""
     x = x.double()
-    q, k, probs = source_attention_parts(x, src.wq.double(), src.bq, src.wk.double(), src.bk,
+    _, _, probs = source_attention_parts(x, src.wq.double(), src.bq, src.wk.double(), src.bk,
                                          src.n_heads, src.n_groups, src.head_dim, ctx.freqs, ctx.window)
     v = torch.nn.functional.linear(x, src.wv.double(), src.bv).view(x.shape[0], x.shape[1], src.n_groups, -1).transpose(1, 2)
     m = src.n_heads // src.n_groups

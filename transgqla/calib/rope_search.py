@@ -42,14 +42,12 @@ class AttentionErrorModel:
         self.mask = mask
         self.cos_t, self.sin_t = cos_sin(freqs, pos, dtype=torch.float64)  # [L, d/2]
         # Reference output with exact RoPE.
-        qr = torch.cat((self.qc.real, self.qc.imag), -1)
         exact = self._rot_scores(self.qc, self.kc.repeat_interleave(self.m, 1), freqs)
         self.reference = self._output(exact)
         lam = phase.repeat_interleave(self.m, 0)  # [n_h, d/2]
         kk = self.kc.repeat_interleave(self.m, 1)
         self.scores = torch.einsum("shti,shui->shtu", torch.conj(self.qc) * lam[None, :, None, :], kk).real
         self.ref_energy = float(self.reference.pow(2).sum())
-        del qr
 
     def _rot_scores(self, qc, kc, freqs_per_pair):
         """Exact rotated scores ``sum_i Re(conj(q_i) k_i e^{j (s-t) w_i})``, ``[S, n_h, L, L]``."""
@@ -124,8 +122,6 @@ def greedy_rope_basis(model: AttentionErrorModel, key_gram: torch.Tensor, cost_w
                 best = (e, u, trial)
         err, u, scores = best
         chosen.append(u)
-        idx = [i for i in range(d // 2)]
-        flat = u.reshape(-1)
-        re, im = embed_component(flat, n_g, d, idx)
+        re, im = embed_component(u.reshape(-1), n_g, d, list(range(d // 2)))
         columns += [re, im]
     return torch.stack(columns, 1), err

@@ -41,7 +41,6 @@ import torch
 
 from . import __version__, hf_remote
 from .errors import InputError, OutputError, UnsupportedError
-from .families import Family
 from .gqla_config import build_config, cache_sizes
 from .io import SafetensorsCheckpoint, ShardedWriter, StagedOutput, TensorSpec, copy_file_hashed, ensure_free_space
 from .io.safetensors_format import to_torch_dtype

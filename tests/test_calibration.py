@@ -8,7 +8,7 @@ import torch
 
 from transgqla.calib.runner import LayerwiseCalibration
 from transgqla.io import SafetensorsCheckpoint
-from transgqla.mathx.attention_stats import group_output_metric, group_query_metric, rotation_stats, source_attention_parts
+from transgqla.mathx.attention_stats import group_output_metric, group_query_metric, rotation_stats
 from transgqla.mathx.lowrank import factorize, factorize_metric, psd_sqrt
 from transgqla.mathx.moments import InputMoment, augment
 from transgqla.mathx.rope import inv_freq

@@ -53,6 +53,7 @@ from typing import Any
 
 import torch
 
+from transgqla.convert import COPY_BUFFER_BYTES
 from transgqla.io import SafetensorsCheckpoint, ShardedWriter, TensorSpec
 
 HERE = Path(__file__).resolve().parent
@@ -209,8 +210,9 @@ def copy_checkpoint(src: Path, dst: Path) -> None:
     specs = sorted((ckpt.spec(n) for n in ckpt.names), key=lambda s: natural_key(s.name))
     dst.mkdir(parents=True, exist_ok=True)
     writer = ShardedWriter(dst, specs, SHARD_BYTES, {"format": "pt"})
+    buffer = bytearray(COPY_BUFFER_BYTES)  # the same streaming copy the converter uses
     for spec in specs:
-        writer.write(spec.name, ckpt.read_bytes(spec.name))
+        writer.write_stream(spec.name, ckpt.iter_bytes(spec.name, buffer))
     writer.close()
     ckpt.close()
     shutil.copyfile(src / "config.json", dst / "config.json")

@@ -92,6 +92,44 @@ def test_sharded_read_bit_exact(tmp_path: Path) -> None:
         assert "nope" not in ck
 
 
+def test_concurrent_reads_from_several_threads_are_exact(tmp_path: Path) -> None:
+    """The converter reads attention tensors on a worker thread while the main thread copies other
+    tensors; with one shared file position the threads would interleave seeks and reads."""
+    import threading
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    weight_map = {}
+    for shard in range(2):
+        file = f"model-0000{shard + 1}-of-00002.safetensors"
+        part = {f"t{shard}.{i}": torch.randn(256, 1024, generator=g) for i in range(4)}  # 1 MiB each
+        safetensors_torch.save_file(part, folder / file)
+        weight_map.update({n: file for n in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    want = {n: _raw_bytes_by_reference(folder / f, n) for n, f in weight_map.items()}
+    names = sorted(want)
+    errors: list[str] = []
+    with SafetensorsCheckpoint(folder) as ck:
+        def reader(offset: int) -> None:
+            for i in range(120):
+                name = names[(i * (offset + 1) + offset) % len(names)]
+                try:
+                    got = ck.read_bytes(name) if i % 2 else ck.read(name).reshape(-1).view(torch.uint8).numpy().tobytes()
+                except Exception as exc:  # a handle closed or moved by another thread
+                    errors.append(f"{name}: {exc!r}")
+                    continue
+                if got != want[name]:
+                    errors.append(f"{name}: wrong bytes")
+
+        threads = [threading.Thread(target=reader, args=(k,)) for k in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors[:5]
+
+
 def test_read_result_owns_memory(tmp_path: Path) -> None:
     make_sharded(tmp_path / "ckpt")
     ck = SafetensorsCheckpoint(tmp_path / "ckpt")

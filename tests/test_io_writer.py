@@ -128,6 +128,42 @@ def test_write_contract_violations(tmp_path: Path) -> None:
         ShardedWriter(tmp_path, [specs[0], specs[0]], 10)
 
 
+def test_streamed_copy_through_a_small_buffer_equals_the_whole_tensor_copy(tmp_path: Path) -> None:
+    """The converter copies large tensors piecewise (``iter_bytes`` -> ``write_stream``)."""
+    ts = _tensors()
+    _write(tmp_path / "src", ts, cap=300)
+    src = SafetensorsCheckpoint(tmp_path / "src")
+    specs = [src.spec(n) for n in src.names]
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "pieces").mkdir()
+    whole = ShardedWriter(tmp_path / "whole", specs, 300)
+    piecewise = ShardedWriter(tmp_path / "pieces", specs, 300)
+    buffer = bytearray(7)  # odd size: pieces straddle element boundaries
+    for spec in specs:
+        whole.write(spec.name, src.read_bytes(spec.name))
+        pieces = src.iter_bytes(spec.name, buffer)
+        first = [bytes(p) for p in [next(pieces, None)] if p is not None]
+        src.read_bytes(specs[0].name)  # another read on this thread between two pieces
+        piecewise.write_stream(spec.name, first + [bytes(p) for p in pieces])
+    assert whole.close() == piecewise.close()
+    for f in (tmp_path / "whole").iterdir():
+        assert f.read_bytes() == (tmp_path / "pieces" / f.name).read_bytes()
+
+
+def test_write_stream_refuses_a_wrong_total(tmp_path: Path) -> None:
+    specs = [TensorSpec("a", "BF16", (2, 2)), TensorSpec("b", "F32", (3,))]
+    (tmp_path / "short").mkdir()
+    (tmp_path / "long").mkdir()
+    w = ShardedWriter(tmp_path / "short", specs, 1 << 20)
+    with pytest.raises(ValueError, match="got 7 bytes, planned 8"):
+        w.write_stream("a", [b"\x00" * 4, b"\x00" * 3])
+    w.abort()
+    w = ShardedWriter(tmp_path / "long", specs, 1 << 20)
+    with pytest.raises(ValueError, match="more than 9 bytes, planned 8"):
+        w.write_stream("a", [b"\x00" * 4, b"\x00" * 5])
+    w.abort()
+
+
 class _FullFile:
     """A file object whose writes fail like a full disk."""
 

@@ -13,7 +13,10 @@ known so far and a fingerprint of the plan (source, settings, output tensors, ca
 and writes the rest; the result is bit-identical to an uninterrupted run because every shard's bytes
 are a pure function of the plan. Data-free conversions only recompute the layers that feed unfinished
 shards; calibrated ones recompute every layer in order (calibration must see the layers in order) and
-only skip writing the finished shards. The per-layer float64 math runs on a fixed number of torch
+only skip writing the finished shards.
+
+Overlap. The per-layer math runs on a background thread (``layer_prefetch``), one layer ahead of
+the writer, so it overlaps the copying of everything else. It runs on a fixed number of torch
 threads (``TRANSGQLA_MATH_THREADS``, default 1) because LAPACK's eigh and torch's reductions give
 different bits for different thread counts.
 
@@ -32,10 +35,9 @@ import re
 import shutil
 import signal
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
@@ -46,6 +48,7 @@ from .io import SafetensorsCheckpoint, ShardedWriter, StagedOutput, TensorSpec, 
 from .io.safetensors_format import to_torch_dtype
 from .io.writer import MARKER, plan_shards, sha256_file, shard_file_name, staging_path, write_file_atomic
 from .layer_converters import CalibratedConverter, DataFreeConverter
+from .layer_prefetch import LayerPrefetcher
 from .settings import ConversionSettings, resolve_settings
 from .source_checkpoint import load_config, natural_key, resolve, validate_tensors
 from .source_geometry import SourceGeometry, read_geometry
@@ -66,6 +69,9 @@ PROGRESS = "transgqla-progress.json"  # the resume journal inside the staging fo
 JOURNAL_VERSION = 1
 MATH_THREADS_ENV = "TRANSGQLA_MATH_THREADS"
 DEFAULT_MATH_THREADS = 1
+LAYERS_AHEAD = 1  # finished layers per worker that may wait for the writer (plus one being computed)
+COPY_BUFFER_BYTES = 64 * 1024**2  # copied tensors stream through this (embeddings can be GBs)
+DATA_FREE_WORKERS = 2  # data-free layers are independent: two at a time (benchmarks/README.md)
 KILL_ENV = "TRANSGQLA_TEST_KILL"
 KILL_SIGNAL_ENV = "TRANSGQLA_TEST_KILL_SIGNAL"
 WRITER_METADATA = {"gqla_format_version": "1"}
@@ -230,20 +236,6 @@ def _math_threads_setting() -> int:
     return n
 
 
-@contextmanager
-def _math_threads(n: int) -> Iterator[None]:
-    """Run the block on exactly ``n`` torch threads: eigh (MKL/LAPACK) and torch's parallel reductions
-    give different bits for different thread counts, and the output must not depend on the machine."""
-    before = torch.get_num_threads()
-    if before != n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if before != n:
-            torch.set_num_threads(before)
-
-
 def plan_fingerprint(plan: ConversionPlan) -> str:
     """sha256 over everything the output shards' bytes depend on: source (headers, shard sizes and
     modification times), settings, output tensor list and shard plan, calibration tokens, math threads."""
@@ -375,6 +367,15 @@ def _layer_converter(plan: ConversionPlan):
                                sequential=plan.request.sequential, device=plan.request.device)
 
 
+def _cast_converter(convert_layer, out_dtype: torch.dtype):
+    """The prefetcher's work: one layer's report and its tensors, already cast and contiguous (the
+    float64 tensors are freed on the worker, not kept alive while the writer copies)."""
+    def work(layer: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        conv = convert_layer(layer)
+        return conv.report, {k: v.to(out_dtype).contiguous() for k, v in conv.tensors.items()}
+    return work
+
+
 def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> ConversionResult:
     """Write the planned checkpoint into a staged folder and move it to OUT when complete.
 
@@ -386,6 +387,8 @@ def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> Co
     staging = staging_path(request.out)
     staged: StagedOutput | None = None
     writer: ShardedWriter | None = None
+    prefetch: LayerPrefetcher | None = None
+    torch_threads = torch.get_num_threads()
     resume_info: dict[str, Any] | None = None
     try:
         fingerprint = plan_fingerprint(plan)
@@ -412,47 +415,51 @@ def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> Co
             journal.save()
             hook("shard")
 
-        convert_layer = _layer_converter(plan)
-        out_dtype = to_torch_dtype(DTYPES[s.dtype])
+        writer = ShardedWriter(staged.path, plan.outputs, request.max_shard_bytes, WRITER_METADATA,
+                               completed=state.completed, on_shard=shard_done)
+        assert writer.files == shard_files
+        # Layers to compute, in write order: calibration must see every layer in order; data-free,
+        # those feeding an unfinished shard or lacking a report (from an interrupted run).
+        needed = sorted({layer for name, (layer, _) in plan.converted.items()
+                         if calibrated or layer not in reports or not writer.is_done(name)})
+        needed_set = set(needed)
+        prefetch = LayerPrefetcher(_cast_converter(_layer_converter(plan), to_torch_dtype(DTYPES[s.dtype])),
+                                   needed, ahead=LAYERS_AHEAD, threads=plan.math_threads,
+                                   workers=1 if calibrated else DATA_FREE_WORKERS)
         current: tuple[int, dict[str, torch.Tensor]] | None = None
+        copy_buffer = bytearray(COPY_BUFFER_BYTES)
 
         def converted_layer(layer: int) -> dict[str, torch.Tensor]:
             nonlocal current
             if current is None or current[0] != layer:
-                with _math_threads(plan.math_threads):
-                    conv = convert_layer(layer)
-                reports[layer] = {"layer": layer, **conv.report}
-                # Cast now: the float64 tensors would otherwise stay alive through the next big reads.
-                current = (layer, {k: v.to(out_dtype) for k, v in conv.tensors.items()})
-                del conv
+                current = None  # drop the previous layer's tensors before waiting for the next
+                report, tensors = prefetch.get(layer)
+                reports[layer] = {"layer": layer, **report}
+                current = (layer, tensors)
                 if progress:
                     progress("layers", len(reports), plan.geo.n_layers)
             return current[1]
 
-        writer = ShardedWriter(staged.path, plan.outputs, request.max_shard_bytes, WRITER_METADATA,
-                               completed=state.completed, on_shard=shard_done)
-        assert writer.files == shard_files
         if progress and reports:
             progress("layers", len(reports), plan.geo.n_layers)
         for spec in plan.outputs:
             done = writer.is_done(spec.name)
             if spec.name in plan.converted:
                 layer, rel = plan.converted[spec.name]
-                if not done or calibrated:  # calibration must see every layer, in order
+                if layer in needed_set:
                     tensors = converted_layer(layer)
                 if done:
                     writer.skip(spec.name)
                 else:
-                    writer.write(spec.name, tensors[rel].contiguous())
+                    writer.write(spec.name, tensors[rel])
             elif done:
                 writer.skip(spec.name)
             else:
-                writer.write(spec.name, plan.checkpoint.read_bytes(spec.name))
+                writer.write_stream(spec.name, plan.checkpoint.iter_bytes(spec.name, copy_buffer))
             if not done:
                 hook("tensor")
-        for layer in range(plan.geo.n_layers):  # a report the interrupted run did not record
-            if layer not in reports:
-                converted_layer(layer)
+        prefetch.close()
+        current = None
         files = writer.close()
         for src_file in plan.copied_files:
             files[src_file.name] = copy_file_hashed(src_file, staged.path / src_file.name)
@@ -494,7 +501,10 @@ def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> Co
             writer.abort()
         raise
     finally:
+        if prefetch is not None:
+            prefetch.close()
         plan.checkpoint.close()
+        torch.set_num_threads(torch_threads)  # the worker pinned the process-wide count
     return ConversionResult(out, plan, layer_reports, time.perf_counter() - start, files, resume_info)
 
 

@@ -7,6 +7,10 @@ states through layers ``< l``.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import torch
+
 from .calib.methods import LayerContext, convert_layer
 from .calib.runner import LayerwiseCalibration
 from .io import SafetensorsCheckpoint
@@ -23,13 +27,15 @@ def layer_settings(s: ConversionSettings) -> LayerSettings:
 
 
 class DataFreeConverter:
-    """Statistics from the weights alone (``--calib none``): input moment ``diag(gamma^2)``."""
+    """Statistics from the weights alone (``--calib none``): input moment ``diag(gamma^2)``, and
+    float32 arithmetic (``LayerSettings.work_dtype`` says why)."""
 
     def __init__(self, ckpt: SafetensorsCheckpoint, geo: SourceGeometry, settings: ConversionSettings):
-        self.ckpt, self.geo, self.settings = ckpt, geo, layer_settings(settings)
+        self.ckpt, self.geo = ckpt, geo
+        self.settings = replace(layer_settings(settings), work_dtype=torch.float32)
 
     def __call__(self, layer: int) -> ConvertedAttention:
-        src = read_attention(self.ckpt, self.geo, layer)
+        src = read_attention(self.ckpt, self.geo, layer, self.settings.work_dtype)
         moment = InputMoment.data_free(self.ckpt.read(self.geo.family.norm(layer)))
         return convert_attention(src, moment, self.settings)
 

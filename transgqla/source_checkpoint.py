@@ -102,22 +102,24 @@ def validate_tensors(ckpt: SafetensorsCheckpoint, geo: SourceGeometry, config: d
     for name, shape in (_expected_others(geo, config) if config is not None else {}).items():
         if name in names and tuple(ckpt.spec(name).shape) != shape:
             raise InputError(f"tensor {name} has shape {list(ckpt.spec(name).shape)}, the config implies {list(shape)}")
-    extra = [n for n in names if re.match(rf"model\.layers\.(\d+)\.", n) and int(n.split(".")[2]) >= geo.n_layers]
+    extra = [n for n in names if re.match(r"model\.layers\.(\d+)\.", n) and int(n.split(".")[2]) >= geo.n_layers]
     if extra:
         raise InputError(f"tensor {sorted(extra, key=natural_key)[0]} belongs to a layer beyond num_hidden_layers={geo.n_layers}")
 
 
-def read_attention(ckpt: SafetensorsCheckpoint, geo: SourceGeometry, layer: int) -> SourceAttention:
+def read_attention(ckpt: SafetensorsCheckpoint, geo: SourceGeometry, layer: int,
+                   dtype: torch.dtype = torch.float64) -> SourceAttention:
+    """One layer's q/k/v (and biases) in ``dtype``; InputError on NaN/Inf (checked as stored)."""
     fam = geo.family
 
     def get(part: str, kind: str = "weight") -> torch.Tensor | None:
         name = fam.tensor(layer, part, kind)
         if kind == "bias" and not geo.qkv_bias:
             return None
-        t = ckpt.read(name).to(torch.float64)
+        t = ckpt.read(name)
         if not torch.isfinite(t).all():
             raise InputError(f"tensor {name} holds NaN or Inf values")
-        return t
+        return t.to(dtype)
 
     return SourceAttention(
         wq=get("q"), wk=get("k"), wv=get("v"),

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Iterator
@@ -70,8 +71,9 @@ class SafetensorsCheckpoint:
     """A validated safetensors checkpoint folder (sharded with an index, or a single file).
 
     All validation happens in the constructor; afterwards `read(name)` only fails if
-    the files change underneath. At most one file handle is held (the last shard read);
-    call `close()` or use it as a context manager to release it. Not thread-safe.
+    the files change underneath. Reads are safe from several threads (the converter computes
+    one layer while it copies another): each thread holds at most one file handle (the last
+    shard it read); `close()` (or the context manager) releases every thread's handle.
     """
 
     def __init__(self, folder: Path | str, *, trusted_roots: tuple[Path, ...] = ()) -> None:
@@ -80,8 +82,9 @@ class SafetensorsCheckpoint:
             raise InputError(f"checkpoint folder {self.folder} does not exist or is not a folder")
         roots = tuple(Path(r).resolve() for r in trusted_roots) + _hf_cache_roots(self.folder)
         self._fp = hashlib.sha256()
-        self._fh: BinaryIO | None = None
-        self._fh_path: Path | None = None
+        self._local = threading.local()  # per thread: .fh, .path (the shard it last read)
+        self._handles: set[BinaryIO] = set()
+        self._handles_lock = threading.Lock()
         self._entries: dict[str, tuple[Path, TensorEntry]] = {}
         self._headers: dict[Path, Header] = {}
 
@@ -210,23 +213,34 @@ class SafetensorsCheckpoint:
         A cheap content identity of the source (tensor data is not hashed)."""
         return self._fp.hexdigest()
 
-    def _seek(self, name: str) -> tuple[BinaryIO, Path, TensorEntry]:
-        """The (cached) handle of `name`'s shard, positioned at the tensor's first byte."""
+    def _seek(self, name: str, offset: int = 0) -> tuple[BinaryIO, Path, TensorEntry]:
+        """This thread's (cached) handle of `name`'s shard, positioned `offset` bytes into the tensor."""
         path, entry = self._entry(name)
+        local = self._local
         try:
-            if self._fh_path != path:
-                self.close()
-                self._fh = open(path, "rb", buffering=0)
-                self._fh_path = path
-            assert self._fh is not None
-            self._fh.seek(self._headers[path].data_start + entry.begin)
+            if getattr(local, "path", None) != path:
+                self._release(getattr(local, "fh", None))
+                local.fh, local.path = None, None
+                fh = open(path, "rb", buffering=0)
+                with self._handles_lock:
+                    self._handles.add(fh)
+                local.fh, local.path = fh, path
+            local.fh.seek(self._headers[path].data_start + entry.begin + offset)
         except OSError as exc:
             raise InputError(f"cannot read shard {path}: {exc.strerror or exc}") from None
-        return self._fh, path, entry
+        return local.fh, path, entry
 
-    def _read_into(self, name: str, buf: bytearray) -> None:
-        fh, path, _ = self._seek(name)
-        view = memoryview(buf)
+    def _release(self, fh: BinaryIO | None) -> None:
+        if fh is None:
+            return
+        with self._handles_lock:
+            self._handles.discard(fh)
+        fh.close()
+
+    def _read_into(self, name: str, buf: bytearray | memoryview, offset: int = 0) -> None:
+        """Fill ``buf`` with the tensor's bytes starting ``offset`` bytes into its data."""
+        fh, path, _ = self._seek(name, offset)
+        view = memoryview(buf).cast("B")
         got = 0
         try:
             while got < len(view):
@@ -255,6 +269,21 @@ class SafetensorsCheckpoint:
             raise InputError(f"shard {path} is truncated (changed while reading {name!r})")
         return data
 
+    def iter_bytes(self, name: str, buffer: bytearray) -> Iterator[memoryview]:
+        """The tensor's raw bytes in pieces of at most ``len(buffer)``, each read into ``buffer``
+        and valid until the next piece is asked for: a multi-GB embedding copies through a small,
+        reused buffer (bounded memory, and no fresh pages to fault in for every tensor)."""
+        total = self._entry(name)[1].spec.nbytes
+        if not buffer:
+            raise ValueError("iter_bytes needs a non-empty buffer")
+        view = memoryview(buffer)
+        offset = 0
+        while offset < total:
+            n = min(len(view), total - offset)
+            self._read_into(name, view[:n], offset)
+            yield view[:n]
+            offset += n
+
     def read(self, name: str) -> torch.Tensor:
         """The tensor on CPU, contiguous, with its stored dtype and shape; owns its memory."""
         spec = self._entry(name)[1].spec
@@ -268,9 +297,11 @@ class SafetensorsCheckpoint:
         return torch.frombuffer(buf, dtype=dtype).reshape(spec.shape)
 
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-        self._fh, self._fh_path = None, None
+        with self._handles_lock:
+            handles, self._handles = self._handles, set()
+            self._local = threading.local()
+        for fh in handles:
+            fh.close()
 
     def __enter__(self) -> "SafetensorsCheckpoint":
         return self

@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import BinaryIO, Callable, TypeVar
+from typing import BinaryIO, Callable, Iterable, TypeVar
 
 import torch
 
@@ -212,6 +212,27 @@ class ShardedWriter:
         if self._fh is None:
             self._open(shard)
         self._emit(raw)
+        self._advance(shard)
+
+    def write_stream(self, name: str, chunks: Iterable[bytes | bytearray | memoryview]) -> None:
+        """Append the next planned tensor from raw byte pieces (a large tensor copied through a
+        small buffer); together they must be exactly the planned length. A mismatch leaves the
+        shard unusable: the caller aborts."""
+        shard, spec = self._expect(name)
+        if shard in self._done:
+            raise ValueError(f"tensor {name!r} is in shard {self.files[shard]}, which is already complete; skip() it")
+        if self._fh is None:
+            self._open(shard)
+        total = 0
+        for chunk in chunks:
+            raw = memoryview(chunk).cast("B")
+            total += raw.nbytes
+            if total > spec.nbytes:
+                break
+            self._emit(raw)
+        if total != spec.nbytes:
+            self._closed = True
+            raise ValueError(f"tensor {name!r}: got {'more than ' if total > spec.nbytes else ''}{total} bytes, planned {spec.nbytes}")
         self._advance(shard)
 
     def close(self) -> dict[str, str]:

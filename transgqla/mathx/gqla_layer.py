@@ -1,7 +1,8 @@
 """Convert one GQA attention layer into GQLA weights (DESIGN.md sections 3 and 4).
 
 Shapes, for hidden ``D``, ``n_h`` query heads, ``n_g`` groups, head dim ``d``, RoPE dim ``d_R``,
-latent rank ``r``; ``d_nope = d_v = d``. All arithmetic is float64; callers cast on write.
+latent rank ``r``; ``d_nope = d_v = d``. Arithmetic is ``LayerSettings.work_dtype`` (float64 unless
+asked otherwise) except the eigensolves (mathx/lowrank.py); callers cast on write.
 
 Output tensors (names relative to ``self_attn.``):
   ``q_proj.weight [n_h (d + d_R), D]``       per head: d nope rows (the source query), d_R RoPE rows
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .linalg import moment_trace
-from .lowrank import factorize, factorize_metric, psd_sqrt, relative_error
+from .lowrank import EIGEN_DTYPE, factorize, factorize_metric, psd_sqrt
 from .moments import InputMoment, augment
 from .rorope import rope_basis
 
@@ -53,6 +54,10 @@ class LayerSettings:
     qk_rope_head_dim: int
     freqfold: int
     balance_kv: bool = True
+    # Arithmetic of the weight-sized products. float64 by default (calibrated conversions, tests);
+    # data-free conversions use float32: their statistics are themselves a heuristic, the output is
+    # usually bf16, and it halves the time and memory of a layer (measured in benchmarks/README.md).
+    work_dtype: torch.dtype = torch.float64
 
 
 @dataclass
@@ -86,7 +91,7 @@ def apply_phase(w: torch.Tensor, phase: torch.Tensor, n_groups: int, head_dim: i
 
 @dataclass
 class ConvertedAttention:
-    tensors: dict[str, torch.Tensor]  # float64, names relative to self_attn.
+    tensors: dict[str, torch.Tensor]  # work dtype, names relative to self_attn.
     report: dict[str, float] = field(default_factory=dict)
 
 
@@ -103,18 +108,20 @@ def convert_attention(
     n_h, n_g, d = src.n_heads, src.n_groups, src.head_dim
     d_r, r = settings.qk_rope_head_dim, settings.kv_lora_rank
     m = n_h // n_g
-    wq = augment(src.wq, src.bq).reshape(n_h, d, -1)  # [n_h, d, D+1]
-    wk = augment(src.wk, src.bk)  # [n_g*d, D+1]
-    wv = augment(src.wv, src.bv)
+    dt = settings.work_dtype
+    wk = augment(src.wk, src.bk, dt)  # [n_g*d, D+1]
+    wv = augment(src.wv, src.bv, dt)
 
-    # 1-3. RoPE subspace from the key second moment, then the split.
-    key_gram = moment.gram(wk)
+    # 1-3. RoPE subspace from the key second moment, then the split. Data-free, the key Gram only
+    # ranks components for FreqFold, so float32 serves (see mathx/lowrank.py on precision).
+    key_gram = moment.gram(wk, dtype=EIGEN_DTYPE if moment.diag is not None else dt).double()
     if obj.rope_basis is not None:
-        v_basis = obj.rope_basis
+        v_basis = obj.rope_basis.double()
         energy_kept = float(torch.trace(v_basis.T @ key_gram @ v_basis) / torch.trace(key_gram).clamp_min(1e-300))
     else:
-        rb = rope_basis((key_gram + key_gram.T) / 2, n_g, d, d_r, settings.freqfold, obj.rope_weight)
+        rb = rope_basis(key_gram, n_g, d, d_r, settings.freqfold, obj.rope_weight)
         v_basis, energy_kept = rb.basis, rb.energy_kept  # [n_g*d, d_R]
+    v_basis = v_basis.to(dt)
     w_rope = v_basis.T @ wk  # [d_R, D+1] RoPE key, interleaved slots
     w_nope = wk - v_basis @ w_rope  # [n_g*d, D+1] per-group nope keys
     if obj.nope_phase is not None:
@@ -125,48 +132,49 @@ def convert_attention(
     wv[:, -1] = 0.0  # value bias travels exactly in kv_b_proj.bias
 
     # 4. Joint latent.
+    e_k, e_v = moment_trace(w_nope, moment), moment_trace(wv, moment)
     joint = torch.cat((w_nope, wv), dim=0)  # [2*n_g*d, D+1]
     if obj.key_metric is not None and obj.value_metric is not None:
         fac = factorize_metric(joint, moment, r, _metric_roots(w_nope, wv, moment, obj, n_g, d))
     else:
         row_weight = None
         if settings.balance_kv:
-            e_k, e_v = moment_trace(w_nope, moment), moment_trace(wv, moment)
             if e_k > 0 and e_v > 0:
                 alpha = math.sqrt(e_v / e_k) * math.sqrt(obj.kv_balance or 1.0)
-                row_weight = torch.cat((torch.full((n_g * d,), alpha, dtype=torch.float64),
-                                        torch.ones(n_g * d, dtype=torch.float64)))
+                row_weight = torch.cat((torch.full((n_g * d,), alpha, dtype=dt), torch.ones(n_g * d, dtype=dt)))
         fac = factorize(joint, moment, r, row_weight)
-    approx = fac.up @ fac.down
     up_k = fac.up[: n_g * d].reshape(n_g, d, r)
     up_v = fac.up[n_g * d :].reshape(n_g, d, r)
 
     # 5. Queries: the source query as the nope part, its share of the RoPE slots, rescaled so that
-    # the softmax scale 1/sqrt(d + d_R) reproduces the source's.
+    # the softmax scale 1/sqrt(d + d_R) reproduces the source's. Written straight into the output
+    # layout (no augmented [n_h, d + d_R, D+1] temporaries: the query is the largest matrix here).
     src_scale = src.softmax_scale if src.softmax_scale is not None else 1 / math.sqrt(d)
     q_mult = src_scale * math.sqrt(d + d_r)
-    v_groups = v_basis.reshape(n_g, d, d_r)
-    q_rope = torch.einsum("hdr,hdc->hrc", v_groups.repeat_interleave(m, dim=0), wq)  # [n_h, d_R, D+1]
-    q_all = torch.cat((wq, q_rope), dim=1)  # [n_h, d + d_R, D+1]
-    del q_rope
-    q_all *= q_mult
+    v_heads = v_basis.reshape(n_g, d, d_r).repeat_interleave(m, dim=0).transpose(1, 2)  # [n_h, d_R, d]
+    wq = src.wq.to(dt).reshape(n_h, d, -1)
+    q_w = torch.empty(n_h, d + d_r, wq.shape[-1], dtype=dt)
+    torch.mul(wq, q_mult, out=q_w[:, :d])
+    torch.bmm(v_heads, wq, out=q_w[:, d:])
+    q_w[:, d:] *= q_mult
 
     out = {
-        "q_proj.weight": q_all[..., :-1].reshape(n_h * (d + d_r), -1),
+        "q_proj.weight": q_w.reshape(n_h * (d + d_r), -1),
         "kv_a_proj_with_mqa.weight": torch.cat((fac.down[:, :-1], w_rope[:, :-1]), dim=0),
         "kv_b_proj.weight": torch.cat((up_k, up_v), dim=1).reshape(n_g * 2 * d, r),
     }
     if src.has_bias:
-        out["q_proj.bias"] = q_all[..., -1].reshape(-1)
+        bq = torch.zeros(n_h, d, dtype=dt) if src.bq is None else src.bq.to(dt).reshape(n_h, d)
+        out["q_proj.bias"] = torch.cat((bq, (v_heads @ bq[..., None])[..., 0]), dim=1).mul(q_mult).reshape(-1)
         out["kv_a_proj_with_mqa.bias"] = torch.cat((fac.down[:, -1], w_rope[:, -1]))
-        kv_b_bias = torch.zeros(n_g, 2 * d, dtype=torch.float64)
+        kv_b_bias = torch.zeros(n_g, 2 * d, dtype=dt)
         kv_b_bias[:, d:] = value_bias.reshape(n_g, d)
         out["kv_b_proj.bias"] = kv_b_bias.reshape(-1)
     report = {
         "rope_energy_kept": energy_kept,
         "kv_energy_captured": fac.captured,
-        "key_nope_rel_error": relative_error(w_nope, approx[: n_g * d], moment),
-        "value_rel_error": relative_error(wv, approx[n_g * d :], moment),
+        "key_nope_rel_error": float(fac.row_residual[: n_g * d].sum()) / max(e_k, 1e-300),
+        "value_rel_error": float(fac.row_residual[n_g * d :].sum()) / max(e_v, 1e-300),
     }
     return ConvertedAttention(tensors=out, report=report)
 

@@ -1,8 +1,9 @@
 """Second moment of an attention layer's input, the statistic every projection choice is weighted by.
 
 Inputs are augmented with a constant 1 (``x_aug = [x; 1]``) so that a projection ``W x + b`` is the
-single matrix ``[W, b]`` and its output second moment is ``[W, b] C [W, b]^T``. All in float64: the
-moments feed eigen-decompositions whose small eigenvalues decide what is dropped.
+single matrix ``[W, b]`` and its output second moment is ``[W, b] C [W, b]^T``. Moments are held in float64
+(calibration sums many small terms); a Gram product can be asked for in float32 where only a
+float32 eigensolve consumes it (mathx/lowrank.py says why that is exact enough).
 """
 
 from __future__ import annotations
@@ -38,16 +39,21 @@ class InputMoment:
         return cls(dense=xa.T @ xa / xa.shape[0])
 
     def right(self, w: torch.Tensor) -> torch.Tensor:
-        """``W C`` for ``W[m, D+1]``."""
-        return w * self.diag if self.diag is not None else w @ self.dense
+        """``W C`` for ``W[m, D+1]``, in ``W``'s dtype."""
+        return w * self.diag.to(w.dtype) if self.diag is not None else w @ self.dense.to(w.dtype)
 
-    def gram(self, a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-        """``A C B^T`` (``B = A`` by default): the second moment of the outputs ``A x`` and ``B x``."""
-        return self.right(a) @ (a if b is None else b).T
+    def gram(self, a: torch.Tensor, b: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``A C B^T`` (``B = A`` by default): the second moment of the outputs ``A x`` and ``B x``,
+        computed in ``dtype`` (default: ``A``'s). float32 halves the cost of the large products
+        when the result only feeds a float32 eigensolve."""
+        dtype = dtype or a.dtype
+        a = a.to(dtype)
+        return self.right(a) @ (a if b is None else b.to(dtype)).T
 
 
-def augment(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``[W, b]`` in float64, with a zero column when the projection has no bias. ``W[..., D]`` -> ``[..., D+1]``."""
-    w = weight.to(torch.float64)
-    col = torch.zeros(w.shape[:-1] + (1,), dtype=torch.float64) if bias is None else bias.to(torch.float64)[..., None]
-    return torch.cat((w, col), dim=-1)
+def augment(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``[W, b]`` in ``dtype``, with a zero column when the projection has no bias. ``W[..., D]`` -> ``[..., D+1]``."""
+    out = torch.empty(weight.shape[:-1] + (weight.shape[-1] + 1,), dtype=dtype)
+    out[..., :-1] = weight
+    out[..., -1] = 0.0 if bias is None else bias
+    return out

@@ -1,0 +1,125 @@
+"""The background layer worker: results in order, errors at the caller, no work after close, and a
+conversion's bytes unchanged by it (its output equals a run that converts every layer in turn)."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from transgqla import convert as convert_module
+from transgqla.errors import InputError
+from transgqla.layer_prefetch import LayerPrefetcher
+from transgqla.io import SafetensorsCheckpoint
+
+from helpers import run_convert
+
+
+def test_results_come_in_order_computed_on_one_worker_thread():
+    seen: list[tuple[int, str]] = []
+
+    def work(layer):
+        seen.append((layer, threading.current_thread().name))
+        return layer * 10
+
+    with LayerPrefetcher(work, [0, 2, 5], ahead=1) as pf:
+        assert [pf.get(0), pf.get(2), pf.get(5)] == [0, 20, 50]
+    assert [layer for layer, _ in seen] == [0, 2, 5]
+    assert {name for _, name in seen} == {"transgqla-layers-0"}
+
+
+def test_two_workers_share_the_layers_and_results_still_come_in_order():
+    seen: dict[int, str] = {}
+
+    def work(layer):
+        time.sleep(0.02 * (layer % 3))  # uneven work: finish order differs from the layer order
+        seen[layer] = threading.current_thread().name
+        return -layer
+
+    layers = list(range(9))
+    with LayerPrefetcher(work, layers, ahead=1, workers=2) as pf:
+        assert [pf.get(layer) for layer in layers] == [-layer for layer in layers]
+    assert {seen[layer] for layer in layers[0::2]} == {"transgqla-layers-0"}
+    assert {seen[layer] for layer in layers[1::2]} == {"transgqla-layers-1"}
+
+
+def test_asking_out_of_order_is_refused():
+    with LayerPrefetcher(lambda l: l, [0, 1]) as pf:
+        with pytest.raises(ValueError, match="out of order"):
+            pf.get(1)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_worker_error_reaches_the_caller_at_that_layer(workers):
+    def work(layer):
+        if layer == 2:
+            raise InputError("tensor model.layers.2.self_attn.k_proj.weight holds NaN or Inf values")
+        return layer
+
+    pf = LayerPrefetcher(work, [0, 1, 2, 3], workers=workers)
+    assert pf.get(0) == 0 and pf.get(1) == 1
+    with pytest.raises(InputError, match="NaN"):
+        pf.get(2)
+    assert not any(t.is_alive() for t in pf._threads)
+
+
+def test_close_stops_the_worker_between_layers():
+    started: list[int] = []
+    release = threading.Event()
+
+    def work(layer):
+        started.append(layer)
+        release.wait(5)
+        return layer
+
+    pf = LayerPrefetcher(work, range(10), ahead=1)
+    time.sleep(0.1)
+    threading.Timer(0.3, release.set).start()
+    t0 = time.perf_counter()
+    pf.close()  # waits for layer 0 to finish, starts nothing more
+    assert time.perf_counter() - t0 < 4
+    assert not any(t.is_alive() for t in pf._threads)
+    assert started == [0]
+
+
+def test_worker_stays_at_most_the_allowed_layers_ahead():
+    done: list[int] = []
+
+    def work(layer):
+        done.append(layer)
+        return layer
+
+    pf = LayerPrefetcher(work, range(10), ahead=1)
+    time.sleep(0.5)
+    # one result waiting in the queue, one finished and waiting to be queued
+    assert len(done) == 2
+    pf.get(0)
+    time.sleep(0.5)
+    assert len(done) == 3
+    pf.close()
+
+
+def test_conversion_bytes_equal_converting_each_layer_in_turn(source_factory, tmp_path, monkeypatch):
+    """Replace the background worker by a synchronous one: the output must be bit-identical."""
+    src, _ = source_factory("qwen2", n_kv=2, n_heads=4, head_dim=16, layers=4)
+    before = torch.get_num_threads()
+    run_convert(src, tmp_path / "threaded", qk_rope_dim=8, kv_lora_rank=24)
+    assert torch.get_num_threads() == before  # the worker's pinned count does not leak out
+
+    class Synchronous:
+        def __init__(self, work, layers, **kw):
+            self.work = work
+
+        def get(self, layer):
+            return self.work(layer)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(convert_module, "LayerPrefetcher", Synchronous)
+    run_convert(src, tmp_path / "inline", qk_rope_dim=8, kv_lora_rank=24)
+    a, b = SafetensorsCheckpoint(tmp_path / "threaded"), SafetensorsCheckpoint(tmp_path / "inline")
+    assert a.names == b.names
+    for name in a.names:
+        assert a.read_bytes(name) == b.read_bytes(name), name
+    assert (tmp_path / "threaded" / "config.json").read_bytes() == (tmp_path / "inline" / "config.json").read_bytes()

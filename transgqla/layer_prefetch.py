@@ -1,0 +1,108 @@
+"""Compute converted layers ahead of the writer, on background threads.
+
+Why: a conversion is IO (copying the MLP, embedding and norm tensors, hashing, fsync) interleaved
+with per-layer attention math. Done in turn, their times add up; with the math one or two layers
+ahead on the other core, the math hides under the copying (benchmarks/scale.py measures both).
+
+What stays fixed: every layer is computed by one thread with a fixed torch thread count, so every
+result is the same function of its inputs as without the threads, whatever the timing; with one
+worker (calibrated conversions, whose layer ``l`` needs layers ``< l`` first) layers are computed
+strictly in order. With two workers (data-free: layers are independent) two layers are computed at
+once, which also uses the time the writer spends waiting.
+
+Errors raised by the work reach the caller at ``get``. ``close()`` (on success, error or Ctrl-C)
+lets the layers being computed finish and joins the threads: a thread still inside torch when the
+interpreter exits aborts the process, which would turn a clean "interrupted, rerun with --resume"
+into a crash.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Callable, Generic, Iterable, TypeVar
+
+import torch
+
+T = TypeVar("T")
+_POLL_S = 0.2
+
+
+class LayerPrefetcher(Generic[T]):
+    """``get(layer)`` returns ``work(layer)``; layers must be asked for in the order given.
+
+    ``workers`` threads share the layers round-robin (layer ``i`` of the order goes to worker
+    ``i % workers``), each computing its layers in order; use one worker when layer ``l`` needs the
+    layers before it (calibration). ``ahead`` is how many finished layers per worker may wait for
+    the caller (each holds its output tensors). ``threads`` pins torch's intra-op thread count on
+    the workers (bitwise reproducibility).
+    """
+
+    def __init__(self, work: Callable[[int], T], layers: Iterable[int], *, ahead: int = 1, threads: int = 1,
+                 workers: int = 1):
+        self._order = list(layers)
+        self._next = 0
+        self._stop = threading.Event()
+        n = max(1, min(workers, len(self._order) or 1))
+        self._queues: list[queue.Queue] = [queue.Queue(maxsize=max(1, ahead)) for _ in range(n)]
+        self._threads = [
+            threading.Thread(target=self._run, args=(work, self._order[k::n], self._queues[k], threads),
+                             name=f"transgqla-layers-{k}")
+            for k in range(n)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _put(self, results: queue.Queue, item: tuple) -> bool:
+        while not self._stop.is_set():
+            try:
+                results.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, work: Callable[[int], T], layers: list[int], results: queue.Queue, threads: int) -> None:
+        torch.set_num_threads(threads)
+        for layer in layers:
+            if self._stop.is_set():
+                return
+            try:
+                item = (layer, work(layer), None)
+            except BaseException as exc:  # handed to the caller, who decides
+                self._put(results, (layer, None, exc))
+                return
+            if not self._put(results, item):
+                return
+
+    def get(self, layer: int) -> T:
+        if self._next >= len(self._order) or self._order[self._next] != layer:
+            expected = self._order[self._next] if self._next < len(self._order) else None
+            raise ValueError(f"layer {layer} asked for out of order (next planned: {expected})")
+        results = self._queues[self._next % len(self._queues)]
+        self._next += 1
+        got, result, exc = results.get()
+        assert got == layer, (got, layer)
+        if exc is not None:
+            self.close()
+            raise exc
+        return result
+
+    def close(self) -> None:
+        """Stop after the layers being computed (if any) and wait for them; pending results are dropped."""
+        self._stop.set()
+        for results in self._queues:
+            try:
+                while True:
+                    results.get_nowait()
+            except queue.Empty:
+                pass
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join()
+
+    def __enter__(self) -> "LayerPrefetcher[T]":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

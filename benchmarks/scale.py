@@ -1,6 +1,6 @@
 """Scale benchmark: convert a full-size synthetic Llama checkpoint and compare it with a plain copy.
 
-    python benchmarks/scale.py --geometry 8b|1b [--workdir DIR] [--keep] [--layers N] [--cache cold|asis]
+    python benchmarks/scale.py --geometry 8b|1b [--serial] [--workdir DIR] [--keep] [--layers N] [--cache cold|asis]
 
 What it does:
 
@@ -20,9 +20,12 @@ What it does:
      * norm weights: ones.
 
 2. Runs, each in a fresh subprocess (peak RSS per run from ``os.wait4``), in this fixed order:
-     A  a plain streaming copy (``SafetensorsCheckpoint.read_bytes`` -> ``ShardedWriter``): the IO floor;
+     A  a plain streaming copy through the converter's own IO path (``SafetensorsCheckpoint.iter_bytes``
+        -> ``ShardedWriter.write_stream``, a 64 MiB buffer, sha256 and fsync): the IO floor;
      B  ``transgqla convert SRC OUT --calib none --force --json`` (8b: ``--kv-lora-rank 512 --qk-rope-dim 64``;
         1b: the tool's defaults, reported from its JSON);
+     B0 (with ``--serial``) the same conversion with ``TRANSGQLA_LAYER_WORKERS=0``: every layer's math
+        in turn with the copying, no overlap; its manifest (sha256 of every file) must equal B's;
      A  again (``--a-runs``, default 2), to show how much the page cache moved between runs.
    With ``--cache cold`` (default) the source shards are evicted from the page cache before every run
    (``posix_fadvise(DONTNEED)`` on our own files only), so A and B both read from disk; ``--cache asis``
@@ -244,12 +247,13 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def run_measured(cmd: list[str], log_path: Path) -> dict[str, Any]:
+def run_measured(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``cmd`` in a fresh process; wall seconds, its own peak RSS (``wait4``), stdout."""
     load_before = os.getloadavg()[0]
     with open(log_path, "w") as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, cwd=HERE.parent)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, cwd=HERE.parent,
+                                env={**os.environ, **(env or {})})
         out = proc.stdout.read()  # type: ignore[union-attr]
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
@@ -283,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="cold: evict the source from the page cache before every run (default); asis: leave it")
     ap.add_argument("--generate-only", action="store_true", help="make (or reuse) the source checkpoint and stop")
     ap.add_argument("--results", type=Path, default=None, help="JSON result path (default benchmarks/results/scale-<geometry>.json)")
+    ap.add_argument("--serial", action="store_true",
+                    help="also run B with TRANSGQLA_LAYER_WORKERS=0 (layer math in turn with the copying, no "
+                         "overlap) after B, and check that both outputs have the same manifest")
     args = ap.parse_args(argv)
 
     geometry = dict(GEOMETRIES[args.geometry])
@@ -332,10 +339,24 @@ def main(argv: list[str] | None = None) -> int:
     b = run_measured(cmd_b, logs / f"B-{tag}.log")
     summary = json.loads(b.pop("stdout"))
     b["output_bytes"] = folder_bytes(out_b)
+    manifest_b = json.loads((out_b / "transgqla-manifest.json").read_text())
     print(f"B: {b['wall_s']:.1f} s, peak RSS {_gb(b['peak_rss_bytes'])} GB", flush=True)
-    if not args.keep:
+    if not args.keep or args.serial:
         shutil.rmtree(out_b)
     runs.append({"run": "B", **b})
+    serial_same = None
+    if args.serial:
+        prepare()
+        print("B0: the same with TRANSGQLA_LAYER_WORKERS=0 ...", flush=True)
+        b0 = run_measured(cmd_b, logs / f"B0-{tag}.log", env={"TRANSGQLA_LAYER_WORKERS": "0"})
+        b0.pop("stdout")
+        b0["output_bytes"] = folder_bytes(out_b)
+        serial_same = json.loads((out_b / "transgqla-manifest.json").read_text()) == manifest_b
+        print(f"B0: {b0['wall_s']:.1f} s, peak RSS {_gb(b0['peak_rss_bytes'])} GB, "
+              f"same bytes as B: {serial_same}", flush=True)
+        if not args.keep:
+            shutil.rmtree(out_b)
+        runs.append({"run": "B0", **b0})
     for i in range(2, args.a_runs + 1):
         run_a(i)
 
@@ -363,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         "b_command": "transgqla " + " ".join(cmd_b[3:]),
         "b_reported_seconds": summary.get("seconds"),
         "b_worst_layer_errors": summary.get("worst_layer_errors"),
+        "b0_wall_s": next((r["wall_s"] for r in runs if r["run"] == "B0"), None),
+        "b0_same_manifest_as_b": serial_same,
         "targets": {"b_over_a_max": 1.5, "b_peak_rss_gb_max": 2.5},
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
                     "torch": torch.__version__, "platform": platform.platform()},
@@ -380,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['run']:<6}{r['wall_s']:>10.1f}{r['user_s']:>10.1f}{r['sys_s']:>9.1f}{r['peak_rss_bytes'] / 1e9:>13.2f}"
               f"{r['output_bytes'] / 1e9:>11.2f}{r['loadavg_before']:>6.1f}/{r['loadavg_after']:<5.1f}")
     print(f"B/A (A = mean of {len(a_runs)}): {result['b_over_a']:.2f}  (target <= 1.5: {'met' if result['meets_targets']['b_over_a'] else 'NOT met'})")
+    if result["b0_wall_s"] is not None:
+        print(f"B0/A (no overlap): {result['b0_wall_s'] / a_wall:.2f}; B0 output identical to B's: {serial_same}")
     print(f"peak RSS B: {result['b_peak_rss_gb']:.2f} GB  (target <= 2.5 GB: {'met' if result['meets_targets']['b_peak_rss'] else 'NOT met'})")
     path = args.results or RESULTS / f"scale-{tag}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

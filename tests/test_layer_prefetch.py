@@ -99,27 +99,36 @@ def test_worker_stays_at_most_the_allowed_layers_ahead():
     pf.close()
 
 
-def test_conversion_bytes_equal_converting_each_layer_in_turn(source_factory, tmp_path, monkeypatch):
-    """Replace the background worker by a synchronous one: the output must be bit-identical."""
-    src, _ = source_factory("qwen2", n_kv=2, n_heads=4, head_dim=16, layers=4)
+def test_zero_workers_compute_on_the_callers_thread():
+    names: list[str] = []
+    pf = LayerPrefetcher(lambda l: names.append(threading.current_thread().name) or l, [3, 4], workers=0)
+    assert (pf.get(3), pf.get(4)) == (3, 4)
+    assert names == [threading.current_thread().name] * 2
+    pf.close()
+
+
+def test_conversion_bytes_do_not_depend_on_the_number_of_workers(source_factory, tmp_path, monkeypatch):
+    """0 workers (every layer converted in turn in the writer's thread), 1 and the default 2: identical bytes."""
+    src, _ = source_factory("qwen2", n_kv=2, n_heads=4, head_dim=16, layers=5)
     before = torch.get_num_threads()
-    run_convert(src, tmp_path / "threaded", qk_rope_dim=8, kv_lora_rank=24)
-    assert torch.get_num_threads() == before  # the worker's pinned count does not leak out
+    outs = {}
+    for workers in ("0", "1", ""):
+        monkeypatch.setenv(convert_module.LAYER_WORKERS_ENV, workers)
+        outs[workers] = tmp_path / f"w{workers or 'default'}"
+        run_convert(src, outs[workers], qk_rope_dim=8, kv_lora_rank=24)
+        assert torch.get_num_threads() == before  # the pinned count does not leak out
+    ref = SafetensorsCheckpoint(outs["0"])
+    for workers in ("1", ""):
+        other = SafetensorsCheckpoint(outs[workers])
+        assert other.names == ref.names
+        for name in ref.names:
+            assert other.read_bytes(name) == ref.read_bytes(name), (workers, name)
+        assert (outs[workers] / "config.json").read_bytes() == (outs["0"] / "config.json").read_bytes()
 
-    class Synchronous:
-        def __init__(self, work, layers, **kw):
-            self.work = work
 
-        def get(self, layer):
-            return self.work(layer)
-
-        def close(self):
-            pass
-
-    monkeypatch.setattr(convert_module, "LayerPrefetcher", Synchronous)
-    run_convert(src, tmp_path / "inline", qk_rope_dim=8, kv_lora_rank=24)
-    a, b = SafetensorsCheckpoint(tmp_path / "threaded"), SafetensorsCheckpoint(tmp_path / "inline")
-    assert a.names == b.names
-    for name in a.names:
-        assert a.read_bytes(name) == b.read_bytes(name), name
-    assert (tmp_path / "threaded" / "config.json").read_bytes() == (tmp_path / "inline" / "config.json").read_bytes()
+def test_layer_workers_setting_is_checked(source_factory, tmp_path, monkeypatch):
+    src, _ = source_factory("llama", n_kv=2, n_heads=4, head_dim=16, layers=1)
+    monkeypatch.setenv(convert_module.LAYER_WORKERS_ENV, "-1")
+    with pytest.raises(InputError, match="TRANSGQLA_LAYER_WORKERS must be a non-negative integer"):
+        run_convert(src, tmp_path / "out", qk_rope_dim=8, kv_lora_rank=24)
+    assert not (tmp_path / "out").exists()

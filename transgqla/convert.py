@@ -68,6 +68,7 @@ ATTN_SOURCE_PARTS = ("q", "k", "v")
 PROGRESS = "transgqla-progress.json"  # the resume journal inside the staging folder
 JOURNAL_VERSION = 1
 MATH_THREADS_ENV = "TRANSGQLA_MATH_THREADS"
+LAYER_WORKERS_ENV = "TRANSGQLA_LAYER_WORKERS"
 DEFAULT_MATH_THREADS = 1
 LAYERS_AHEAD = 1  # finished layers per worker that may wait for the writer (plus one being computed)
 COPY_BUFFER_BYTES = 64 * 1024**2  # copied tensors stream through this (embeddings can be GBs)
@@ -116,7 +117,8 @@ class ConversionPlan:
     converted: dict[str, tuple[int, str]]  # output name -> (layer, name relative to self_attn.)
     copied_files: list[Path]
     windows: "torch.Tensor | None" = None  # calibration token windows [n, seqlen]
-    math_threads: int = DEFAULT_MATH_THREADS  # torch threads for the per-layer float64 math
+    math_threads: int = DEFAULT_MATH_THREADS  # torch threads for the per-layer math
+    layer_workers: int = DATA_FREE_WORKERS  # background threads for the per-layer math
 
     @property
     def output_bytes(self) -> int:
@@ -220,20 +222,32 @@ def plan_conversion(request: ConvertRequest) -> ConversionPlan:
     if request.max_shard_bytes <= 0:
         raise InputError(f"--max-shard-size must be positive, got {request.max_shard_bytes} bytes")
     return ConversionPlan(request, path, identity, config, geo, settings, ckpt, outputs, converted, copied, windows,
-                          _math_threads_setting())
+                          _math_threads_setting(), _layer_workers(windows is not None))
 
 
-def _math_threads_setting() -> int:
-    raw = os.environ.get(MATH_THREADS_ENV, "").strip()
+def _env_count(name: str, default: int, minimum: int) -> int:
+    raw = os.environ.get(name, "").strip()
     if not raw:
-        return DEFAULT_MATH_THREADS
+        return default
     try:
         n = int(raw)
     except ValueError:
-        n = 0
-    if n < 1:
-        raise InputError(f"{MATH_THREADS_ENV} must be a positive integer, got {raw!r}")
+        n = minimum - 1
+    if n < minimum:
+        kind = "a positive" if minimum == 1 else "a non-negative"
+        raise InputError(f"{name} must be {kind} integer, got {raw!r}")
     return n
+
+
+def _math_threads_setting() -> int:
+    return _env_count(MATH_THREADS_ENV, DEFAULT_MATH_THREADS, 1)
+
+
+def _layer_workers(calibrated: bool) -> int:
+    """Background threads for the layer math: ``TRANSGQLA_LAYER_WORKERS`` (0 = compute in the writer's
+    thread, no overlap; less memory), default two data-free; calibration is sequential, so at most one."""
+    n = _env_count(LAYER_WORKERS_ENV, DATA_FREE_WORKERS, 0)
+    return min(n, 1) if calibrated else n
 
 
 def plan_fingerprint(plan: ConversionPlan) -> str:
@@ -425,7 +439,7 @@ def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> Co
         needed_set = set(needed)
         prefetch = LayerPrefetcher(_cast_converter(_layer_converter(plan), to_torch_dtype(DTYPES[s.dtype])),
                                    needed, ahead=LAYERS_AHEAD, threads=plan.math_threads,
-                                   workers=1 if calibrated else DATA_FREE_WORKERS)
+                                   workers=plan.layer_workers)
         current: tuple[int, dict[str, torch.Tensor]] | None = None
         copy_buffer = bytearray(COPY_BUFFER_BYTES)
 

@@ -33,7 +33,7 @@ class LayerPrefetcher(Generic[T]):
 
     ``workers`` threads share the layers round-robin (layer ``i`` of the order goes to worker
     ``i % workers``), each computing its layers in order; use one worker when layer ``l`` needs the
-    layers before it (calibration). ``ahead`` is how many finished layers per worker may wait for
+    layers before it (calibration), none to compute in ``get`` itself (no overlap). ``ahead`` is how many finished layers per worker may wait for
     the caller (each holds its output tensors). ``threads`` pins torch's intra-op thread count on
     the workers (bitwise reproducibility).
     """
@@ -43,7 +43,10 @@ class LayerPrefetcher(Generic[T]):
         self._order = list(layers)
         self._next = 0
         self._stop = threading.Event()
-        n = max(1, min(workers, len(self._order) or 1))
+        self._work = work if workers == 0 else None  # 0 workers: compute in get(), on the caller's thread
+        if workers == 0:
+            torch.set_num_threads(threads)
+        n = 0 if workers == 0 else max(1, min(workers, len(self._order) or 1))
         self._queues: list[queue.Queue] = [queue.Queue(maxsize=max(1, ahead)) for _ in range(n)]
         self._threads = [
             threading.Thread(target=self._run, args=(work, self._order[k::n], self._queues[k], threads),
@@ -79,8 +82,10 @@ class LayerPrefetcher(Generic[T]):
         if self._next >= len(self._order) or self._order[self._next] != layer:
             expected = self._order[self._next] if self._next < len(self._order) else None
             raise ValueError(f"layer {layer} asked for out of order (next planned: {expected})")
-        results = self._queues[self._next % len(self._queues)]
         self._next += 1
+        if self._work is not None:
+            return self._work(layer)
+        results = self._queues[(self._next - 1) % len(self._queues)]
         got, result, exc = results.get()
         assert got == layer, (got, layer)
         if exc is not None:

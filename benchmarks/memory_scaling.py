@@ -1,12 +1,14 @@
 """Memory scaling: peak RSS of ``transgqla convert`` must not grow with the number of layers.
 
-    python benchmarks/memory_scaling.py [--workdir DIR] [--layers 2 16] [--keep]
+    python benchmarks/memory_scaling.py [--workdir DIR] [--layers 2 16 48] [--keep]
 
 Builds (streaming, cached in the work folder; see ``scale.py`` for how the weights are made) one small
 but not trivial Llama architecture -- hidden 1024, 8 heads, 2 KV heads, head dim 128, intermediate
-2816, vocab 32000, bf16, untied lm_head -- at 2 and at 16 layers (~0.18 GB and ~0.49 GB), converts each
-in a fresh subprocess with the tool's defaults (``--calib none --force --json``), and reports each run's
-peak RSS (``os.wait4``), their ratio and the growth per extra layer. For scale, it also measures the
+2816, vocab 32000, bf16, untied lm_head -- at 2, 16 and 48 layers (~0.18, 0.49 and 1.21 GB), converts
+each in a fresh subprocess with the tool's defaults (``--calib none --force --json``), and reports each
+run's peak RSS (``os.wait4``), the ratio of the deepest to the shallowest and the growth per extra layer.
+48 layers matter: a slow per-layer leak (freed memory kept by a worker thread's malloc arena: +7 MB per
+layer before ``malloc_trim``) shows between 16 and 48, not between 2 and 16. For scale, it also measures the
 peak RSS of a process that only imports transgqla and torch (the fixed floor every run pays).
 Writes ``benchmarks/results/memory-scaling.json``.
 """
@@ -31,7 +33,7 @@ GEOMETRY = dict(hidden_size=1024, num_attention_heads=8, num_key_value_heads=2, 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
-    ap.add_argument("--layers", type=int, nargs="+", default=[2, 16])
+    ap.add_argument("--layers", type=int, nargs="+", default=[2, 16, 48])
     ap.add_argument("--keep", action="store_true", help="keep the converted outputs")
     ap.add_argument("--results", type=Path, default=RESULTS / "memory-scaling.json")
     args = ap.parse_args(argv)

@@ -18,6 +18,8 @@ into a crash.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import queue
 import threading
 from typing import Callable, Generic, Iterable, TypeVar
@@ -26,6 +28,24 @@ import torch
 
 T = TypeVar("T")
 _POLL_S = 0.2
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by this thread back to the OS (glibc ``malloc_trim``). A worker thread
+    allocates from its own malloc arena, and without this, freed layer-sized temporaries stay
+    mapped in it: measured +7 MB of peak RSS per layer (16 vs 48 layers, benchmarks/memory_scaling.py)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 class LayerPrefetcher(Generic[T]):
@@ -75,6 +95,7 @@ class LayerPrefetcher(Generic[T]):
             except BaseException as exc:  # handed to the caller, who decides
                 self._put(results, (layer, None, exc))
                 return
+            release_freed_memory()
             if not self._put(results, item):
                 return
 

@@ -2,8 +2,9 @@
 
 Plan first: the source is resolved, its config and every shard header validated, the settings
 resolved and the full list of output tensors (names, dtypes, shapes) fixed before one byte is
-written. Then layer by layer: the layer's q/k/v are read (wherever their shards are), converted in
-float64 and written in the output dtype; every other tensor is copied byte for byte.
+written. Then layer by layer: the layer's q/k/v are read (wherever their shards are), converted
+(float64 when calibrated, float32 data-free; see mathx/lowrank.py on precision) and written in the
+output dtype; every other tensor is copied byte for byte, through a fixed 64 MiB buffer.
 
 Failure safety. Everything is written into ``.<OUT>.transgqla-partial`` (marked ``INCOMPLETE``) and
 renamed to OUT only when complete. Each output shard is renamed into place once whole and fsynced, and
@@ -383,7 +384,7 @@ def _layer_converter(plan: ConversionPlan):
 
 def _cast_converter(convert_layer, out_dtype: torch.dtype):
     """The prefetcher's work: one layer's report and its tensors, already cast and contiguous (the
-    float64 tensors are freed on the worker, not kept alive while the writer copies)."""
+    full-precision tensors are freed on the worker, not kept alive while the writer copies)."""
     def work(layer: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         conv = convert_layer(layer)
         return conv.report, {k: v.to(out_dtype).contiguous() for k, v in conv.tensors.items()}

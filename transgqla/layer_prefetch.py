@@ -53,9 +53,9 @@ class LayerPrefetcher(Generic[T]):
 
     ``workers`` threads share the layers round-robin (layer ``i`` of the order goes to worker
     ``i % workers``), each computing its layers in order; use one worker when layer ``l`` needs the
-    layers before it (calibration), none to compute in ``get`` itself (no overlap). ``ahead`` is how many finished layers per worker may wait for
-    the caller (each holds its output tensors). ``threads`` pins torch's intra-op thread count on
-    the workers (bitwise reproducibility).
+    layers before it (calibration), none to compute in ``get`` itself (no overlap). ``ahead`` is
+    how many finished layers per worker may wait for the caller (each holds its output tensors).
+    ``threads`` pins torch's intra-op thread count on the workers (bitwise reproducibility).
     """
 
     def __init__(self, work: Callable[[int], T], layers: Iterable[int], *, ahead: int = 1, threads: int = 1,

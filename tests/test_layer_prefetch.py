@@ -73,7 +73,9 @@ def test_close_stops_the_worker_between_layers():
         return layer
 
     pf = LayerPrefetcher(work, range(10), ahead=1)
-    time.sleep(0.1)
+    deadline = time.monotonic() + 10
+    while not started and time.monotonic() < deadline:  # layer 0 is being computed
+        time.sleep(0.01)
     threading.Timer(0.3, release.set).start()
     t0 = time.perf_counter()
     pf.close()  # waits for layer 0 to finish, starts nothing more
@@ -89,12 +91,18 @@ def test_worker_stays_at_most_the_allowed_layers_ahead():
         done.append(layer)
         return layer
 
+    def settle(n):  # wait until the worker has done n layers, then give it time to (wrongly) do more
+        deadline = time.monotonic() + 10
+        while len(done) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)
+
     pf = LayerPrefetcher(work, range(10), ahead=1)
-    time.sleep(0.5)
+    settle(2)
     # one result waiting in the queue, one finished and waiting to be queued
     assert len(done) == 2
     pf.get(0)
-    time.sleep(0.5)
+    settle(3)
     assert len(done) == 3
     pf.close()
 

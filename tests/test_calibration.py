@@ -138,3 +138,26 @@ def test_calibrated_gqla_lowers_attention_error_versus_pca(source_factory, tmp_p
     assert sum(e_ours) < sum(e_base), (e_ours, e_base)
     cfg = json.loads((tmp_path / "gqla" / "config.json").read_text())
     assert cfg["gqla"]["conversion"]["method"] == "gqla" and cfg["gqla"]["conversion"]["calib"] == str(text)
+
+
+def test_greedy_rope_search_gives_the_same_bits_on_one_or_two_threads():
+    """Candidates are scored concurrently; the chosen basis must not depend on it."""
+    from transgqla.calib.rope_search import AttentionErrorModel, greedy_rope_basis
+
+    g = torch.Generator().manual_seed(4)
+    s, n_h, n_g, length, d, hidden = 2, 4, 2, 24, 16, 32
+    q = torch.randn(s, n_h, length, d, generator=g, dtype=torch.float64)
+    k = torch.randn(s, n_g, length, d, generator=g, dtype=torch.float64)
+    v = torch.randn(s, n_g, length, d, generator=g, dtype=torch.float64)
+    wo = torch.randn(hidden, n_h * d, generator=g, dtype=torch.float64)
+    freqs = inv_freq(d, 10000.0, None).double()
+    phase = torch.polar(torch.ones(n_g, d // 2, dtype=torch.float64), torch.rand(n_g, d // 2, generator=g, dtype=torch.float64))
+    model = AttentionErrorModel(q, k, v, wo, freqs, phase, d**-0.5)
+    kf = k.permute(0, 2, 1, 3).reshape(-1, n_g * d)
+    key_gram = kf.T @ kf / kf.shape[0]
+    cost = torch.rand(n_g, d // 2, generator=g, dtype=torch.float64) + 0.5
+    one, err1 = greedy_rope_basis(model, key_gram, cost, n_g, d, 8, threads=1)
+    two, err2 = greedy_rope_basis(model, key_gram, cost, n_g, d, 8, threads=2)
+    assert torch.equal(one, two) and err1 == err2
+    assert torch.allclose(one.T @ one, torch.eye(8, dtype=torch.float64), atol=1e-12)
+    assert err1 < model.error(model.scores)  # filling the slots well beats rotating nothing

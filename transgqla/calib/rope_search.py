@@ -13,11 +13,16 @@ complex pairs ``(g, i)``) moves ``Re(conj(q''_u) k'_u)`` out of the nope score a
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 from ..mathx.linalg import eigh_descending
 from ..mathx.rope import cos_sin
 from ..mathx.rorope import embed_component, pair_energy
+
+
+CANDIDATE_THREADS = 2  # candidates scored at once; the result is the same for any count
 
 
 def _complex(x: torch.Tensor) -> torch.Tensor:
@@ -104,24 +109,31 @@ def _candidates(key_gram, cost_weight, n_g, d, f, collapse, chosen: list[torch.T
 
 
 def greedy_rope_basis(model: AttentionErrorModel, key_gram: torch.Tensor, cost_weight: torch.Tensor,
-                      n_g: int, d: int, rope_dim: int) -> tuple[torch.Tensor, float]:
+                      n_g: int, d: int, rope_dim: int, threads: int | None = None) -> tuple[torch.Tensor, float]:
     """Fill the ``rope_dim/2`` slots greedily (highest frequency first); returns the key-space basis
-    ``[n_g*d, d_R]`` (interleaved slot columns) and the final attention-output error."""
+    ``[n_g*d, d_R]`` (interleaved slot columns) and the final attention-output error.
+
+    The candidates of a slot are scored on ``threads`` (default ``CANDIDATE_THREADS``) threads at once (this search is most of a
+    calibrated conversion's time). Each score is computed exactly as on one thread, on the caller's
+    torch thread count, and ties go to the earlier candidate, so the result does not depend on it."""
     collapse = d // rope_dim
     chosen: list[torch.Tensor] = []
     columns = []
     scores = model.scores
     err = model.error(scores)
-    for p in range(rope_dim // 2):
-        f = p * collapse
-        best = None
-        for u in _candidates(key_gram, cost_weight, n_g, d, f, collapse, chosen):
-            trial = scores + model.delta(u, float(model.freqs[f]))
-            e = model.error(trial)
-            if best is None or e < best[0]:
-                best = (e, u, trial)
-        err, u, scores = best
-        chosen.append(u)
-        re, im = embed_component(u.reshape(-1), n_g, d, list(range(d // 2)))
-        columns += [re, im]
+    math_threads = torch.get_num_threads()
+    threads = CANDIDATE_THREADS if threads is None else threads
+    with ThreadPoolExecutor(max_workers=max(1, threads), initializer=torch.set_num_threads,
+                            initargs=(math_threads,)) as pool:
+        for p in range(rope_dim // 2):
+            freq = float(model.freqs[p * collapse])
+            cands = _candidates(key_gram, cost_weight, n_g, d, p * collapse, collapse, chosen)
+            current = scores
+            errors = list(pool.map(lambda u: model.error(current + model.delta(u, freq)), cands))
+            best = min(range(len(cands)), key=lambda i: (errors[i], i))
+            err, u = errors[best], cands[best]
+            scores = scores + model.delta(u, freq)
+            chosen.append(u)
+            re, im = embed_component(u.reshape(-1), n_g, d, list(range(d // 2)))
+            columns += [re, im]
     return torch.stack(columns, 1), err

@@ -107,6 +107,15 @@ def test_real_kills_then_resume_is_bit_identical(src, clean, tmp_path):
     assert_same(out, clean)
 
 
+def interrupt_in_process(request: ConvertRequest, monkeypatch, kill: str) -> None:
+    """Run ``request`` with an in-process Ctrl-C (SIGINT) at ``kill``; the hook is off afterwards."""
+    monkeypatch.setenv("TRANSGQLA_TEST_KILL", kill)
+    monkeypatch.setenv("TRANSGQLA_TEST_KILL_SIGNAL", "INT")
+    with pytest.raises(KeyboardInterrupt):
+        convert(request)
+    monkeypatch.delenv("TRANSGQLA_TEST_KILL")
+
+
 @pytest.mark.parametrize("kill", ["shard:1", "shard:9", "tensor:1", "tensor:30", "commit"])
 def test_interrupt_anywhere_then_resume(src, clean, tmp_path, monkeypatch, kill):
     out = tmp_path / "out"
@@ -132,11 +141,7 @@ def test_resume_without_partial_output_starts_fresh(src, clean, tmp_path):
 
 def test_resume_rewrites_damaged_shards_and_drops_stray_files(src, clean, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    monkeypatch.setenv("TRANSGQLA_TEST_KILL", "shard:4")
-    monkeypatch.setenv("TRANSGQLA_TEST_KILL_SIGNAL", "INT")
-    with pytest.raises(KeyboardInterrupt):
-        convert(ConvertRequest(source=str(src), out=out, **SETTINGS))
-    monkeypatch.delenv("TRANSGQLA_TEST_KILL")
+    interrupt_in_process(ConvertRequest(source=str(src), out=out, **SETTINGS), monkeypatch, "shard:4")
     shards = sorted(p.name for p in clean.glob("model-*.safetensors"))
     shard = staging(out) / shards[1]
     data = bytearray(shard.read_bytes())
@@ -152,11 +157,7 @@ def test_resume_rewrites_damaged_shards_and_drops_stray_files(src, clean, tmp_pa
 
 def test_resume_refuses_a_different_plan(src, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    monkeypatch.setenv("TRANSGQLA_TEST_KILL", "shard:2")
-    monkeypatch.setenv("TRANSGQLA_TEST_KILL_SIGNAL", "INT")
-    with pytest.raises(KeyboardInterrupt):
-        convert(ConvertRequest(source=str(src), out=out, **SETTINGS))
-    monkeypatch.delenv("TRANSGQLA_TEST_KILL")
+    interrupt_in_process(ConvertRequest(source=str(src), out=out, **SETTINGS), monkeypatch, "shard:2")
     before = files_of(staging(out))
     r = invoke("convert", src, out, "--kv-lora-rank", "32", "--qk-rope-dim", "8", "--max-shard-size", "0.00002", "--resume")
     lines = r.stderr.strip().splitlines()
@@ -238,11 +239,7 @@ def test_calibrated_conversion_resumes_bit_identical(tmp_path, monkeypatch):
                calib_seqlen=32, sequential=True, max_shard_bytes=20000)
     convert(ConvertRequest(out=tmp_path / "clean", **req))
     out = tmp_path / "out"
-    monkeypatch.setenv("TRANSGQLA_TEST_KILL", "shard:8")  # inside layer 1
-    monkeypatch.setenv("TRANSGQLA_TEST_KILL_SIGNAL", "INT")
-    with pytest.raises(KeyboardInterrupt):
-        convert(ConvertRequest(out=out, **req))
-    monkeypatch.delenv("TRANSGQLA_TEST_KILL")
+    interrupt_in_process(ConvertRequest(out=out, **req), monkeypatch, "shard:8")  # inside layer 1
     result = convert(ConvertRequest(out=out, resume=True, **req))
     assert result.resume["shards_kept"] == 8
     assert_same(out, tmp_path / "clean")

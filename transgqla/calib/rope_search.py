@@ -128,8 +128,7 @@ def greedy_rope_basis(model: AttentionErrorModel, key_gram: torch.Tensor, cost_w
         for p in range(rope_dim // 2):
             freq = float(model.freqs[p * collapse])
             cands = _candidates(key_gram, cost_weight, n_g, d, p * collapse, collapse, chosen)
-            current = scores
-            errors = list(pool.map(lambda u: model.error(current + model.delta(u, freq)), cands))
+            errors = list(pool.map(lambda u: model.error(scores + model.delta(u, freq)), cands))
             best = min(range(len(cands)), key=lambda i: (errors[i], i))
             err, u = errors[best], cands[best]
             scores = scores + model.delta(u, freq)

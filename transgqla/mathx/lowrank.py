@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .linalg import eigh_descending, moment_trace, orthonormalize, single_thread
+from .linalg import eigh_descending, orthonormalize, single_thread
 from .moments import InputMoment
 
 EIGEN_DTYPE = torch.float32  # see the module docstring
@@ -65,11 +65,6 @@ def factorize(weight: torch.Tensor, moment: InputMoment, rank: int, row_weight: 
     down = (q * ell[:, None]).to(weight.dtype).T @ weight
     up = (q / ell[:, None]).to(weight.dtype)
     return Factorization(up=up, down=down, captured=captured, row_residual=residual / ell.pow(2))
-
-
-def relative_error(weight: torch.Tensor, approx: torch.Tensor, moment: InputMoment) -> float:
-    """``E||(W - W~) x||^2 / E||W x||^2`` under the input moment."""
-    return moment_trace(weight - approx, moment) / max(moment_trace(weight, moment), 1e-300)
 
 
 def factorize_metric(weight: torch.Tensor, moment: InputMoment, rank: int, metric_roots: torch.Tensor) -> Factorization:

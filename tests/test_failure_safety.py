@@ -4,7 +4,9 @@ only ever read, and the bytes depend neither on the run nor on the thread count.
 
 Kills use the test hook of transgqla/convert.py: TRANSGQLA_TEST_KILL=shard:N | tensor:N | commit sends
 the process TRANSGQLA_TEST_KILL_SIGNAL (KILL by default). Real SIGKILL/SIGTERM runs go through a
-subprocess; the cheaper in-process kills use SIGINT, which Python turns into KeyboardInterrupt.
+subprocess; the cheaper in-process kills use SIGINT, which Python turns into KeyboardInterrupt once
+its default handler is installed: a process launched in the background by a shell starts with SIGINT
+ignored, so the fixture below installs that handler for each test and restores what was there.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +34,14 @@ from test_calibration import make_tokenizer, tiny_text
 runner = CliRunner()
 ARGS = ["--kv-lora-rank", "24", "--qk-rope-dim", "8", "--max-shard-size", "0.00002"]  # ~20 kB shards
 SETTINGS = dict(kv_lora_rank=24, qk_rope_dim=8, max_shard_bytes=20000)
+
+
+@pytest.fixture(autouse=True)
+def sigint_raises_keyboard_interrupt():
+    """In-process interrupts must not depend on the disposition the test process inherited."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def invoke(*args):

@@ -71,13 +71,10 @@ def _interrupted(exc: KeyboardInterrupt, as_json: bool) -> None:
 
 
 def _device(name: str) -> str:
-    import torch
+    """The shared parser (transgqla/devices.py): a one-line error when CUDA is asked for and absent."""
+    from transgqla.devices import resolve_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name not in ("cpu", "cuda"):
-        raise typer.BadParameter(f"--device must be auto, cpu or cuda, not {name!r}")
-    return name
+    return str(resolve_device(name))
 
 
 def _progress_bar(enabled: bool):
@@ -99,7 +96,7 @@ def convert(
     calib_seqlen: int = typer.Option(512, "--calib-seqlen", help="Calibration window length in tokens."),
     method: Optional[str] = typer.Option(None, "--method", help="pca (data-free) | transmla | gqla (default with --calib)."),
     sequential: bool = typer.Option(False, "--sequential", help="Calibrate layer l on the outputs of converted layers < l."),
-    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda for calibration."),
+    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda: where calibration and the layer math run (auto: CUDA when available)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Built-in recipe name or a TOML file."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16|float16|float32 for converted tensors (default: source's)."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
@@ -112,14 +109,14 @@ def convert(
     """Stream a GQA checkpoint into a GQLA checkpoint (format v1)."""
     from transgqla.convert import ConvertRequest, plan_conversion, run_conversion
 
-    request = ConvertRequest(
-        source=source, out=out_dir, kv_lora_rank=kv_lora_rank, qk_rope_dim=qk_rope_dim, freqfold=freqfold,
-        recipe=recipe, calib=None if calib == ["none"] else calib, calib_tokens=calib_tokens, calib_seqlen=calib_seqlen,
-        method=method, sequential=sequential, device=_device(device), dtype=dtype, revision=revision, force=force,
-        max_shard_bytes=int(max_shard_size * 1e9), resume=resume,
-    )
     restore_sigterm = _sigterm_as_interrupt()
     try:
+        request = ConvertRequest(
+            source=source, out=out_dir, kv_lora_rank=kv_lora_rank, qk_rope_dim=qk_rope_dim, freqfold=freqfold,
+            recipe=recipe, calib=None if calib == ["none"] else calib, calib_tokens=calib_tokens,
+            calib_seqlen=calib_seqlen, method=method, sequential=sequential, device=_device(device), dtype=dtype,
+            revision=revision, force=force, max_shard_bytes=int(max_shard_size * 1e9), resume=resume,
+        )
         plan = plan_conversion(request)
         if dry_run:
             doc = _plan_doc(plan)

@@ -69,8 +69,9 @@ def inv_freq(dim: int, base: float, scaling: dict[str, Any] | None = None) -> to
 
 
 def cos_sin(freqs: torch.Tensor, positions: torch.Tensor, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cos, sin`` of shape ``[len(positions), len(freqs)]`` computed in float64."""
-    angles = positions.to(torch.float64)[:, None] * freqs.to(torch.float64)[None, :]
+    """``cos, sin`` of shape ``[len(positions), len(freqs)]`` computed in float64, on ``positions``'
+    device (frequencies are small and kept on the CPU; they move to the data they meet)."""
+    angles = positions.to(torch.float64)[:, None] * freqs.to(device=positions.device, dtype=torch.float64)[None, :]
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 

@@ -67,7 +67,18 @@ def _check(func, args, kwargs) -> None:
             raise DeviceMismatch(f"{func}: a {t.device} tensor of shape {tuple(t.shape)} meets device data")
 
 
+def _adopt(t):
+    """A real meta tensor made where the mode could not see it (``torch.tensor([], device=...)`` builds
+    in C++): empty ones carry no data and join the device; others cannot be emulated."""
+    if _is_plain(t) and t.device == FAKE:
+        if t.numel():
+            raise RuntimeError(f"a meta tensor of shape {tuple(t.shape)} was made outside the harness")
+        return OnDevice(torch.empty(t.shape, dtype=t.dtype))
+    return t
+
+
 def _dispatch(func, args, kwargs):
+    args, kwargs = tree_map(_adopt, (args, kwargs))
     on_device = any(isinstance(t, OnDevice) for t in tree_flatten((args, kwargs))[0])
     if on_device:
         _check(func, args, kwargs)

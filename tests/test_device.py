@@ -131,3 +131,22 @@ def test_cuda_without_cuda_is_one_line(command, calib_source, tmp_path, monkeypa
     lines = r.stderr.strip().splitlines()
     assert r.exit_code == 2 and len(lines) == 1 and "CUDA is not available" in lines[0], r.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("fmt,path", [("gqla", "gqa"), ("deepseek", "absorb")])
+def test_export_reference_check_runs_on_the_device(converted, tmp_path, monkeypatch, fmt, path):
+    """The export's reference decoder and its candidate (our decoder, or stock transformers'
+    DeepSeek-V3 for the DeepSeek export) on the fake device, with the CPU's verdict and figures."""
+    import transgqla.export as export_mod
+
+    from transgqla.export import ExportRequest, run_export
+
+    lora = fmt == "deepseek"  # the Qwen2 query bias goes through q_lora_rank
+    want = run_export(ExportRequest(converted, tmp_path / "cpu", path=path, format=fmt, query_bias_lora=lora))
+    monkeypatch.setattr(export_mod, "_device", lambda name: name)  # the CLI parser refuses the fake device
+    with FakeDevice():
+        got = run_export(ExportRequest(converted, tmp_path / "dev", path=path, format=fmt, query_bias_lora=lora,
+                                       device=DEV))
+    assert got.ok and want.ok
+    assert got.check.tokens_candidate == want.check.tokens_candidate
+    assert got.check.rel_error == pytest.approx(want.check.rel_error, rel=1e-3, abs=1e-9)

@@ -139,3 +139,22 @@ def test_layer_workers_setting_is_checked(source_factory, tmp_path, monkeypatch)
     with pytest.raises(InputError, match="TRANSGQLA_LAYER_WORKERS must be a non-negative integer"):
         run_convert(src, tmp_path / "out", qk_rope_dim=8, kv_lora_rank=24)
     assert not (tmp_path / "out").exists()
+
+
+def test_close_abandons_a_layer_in_the_middle_of_its_torch_work():
+    """Ctrl-C must not wait for a long layer: the worker stops at its next torch call."""
+    started, finished = threading.Event(), []
+
+    def work(layer):
+        x = torch.ones(8)
+        started.set()
+        for _ in range(10**7):  # far longer than any test: only abandoning ends it early
+            x = x * 1.0
+        finished.append(layer)
+        return layer
+
+    pf = LayerPrefetcher(work, range(3), ahead=1)
+    assert started.wait(30)
+    pf.close()
+    assert not any(t.is_alive() for t in pf._threads)
+    assert finished == []

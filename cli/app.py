@@ -16,12 +16,13 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.markup import escape
 
 from transgqla import __version__
 from transgqla.errors import TransGQLAError
 
-from .render import conversion_table, recipes_table
+from .progress import progress_reporter
+from .render import conversion_table, plan_line, recipes_table
 from .export_cmd import register as register_export
 from .verify_cmd import register as register_verify
 
@@ -50,6 +51,11 @@ def _fail(exc: TransGQLAError, as_json: bool) -> None:
     raise typer.Exit(exc.exit_code)
 
 
+def _warn(notes: list[str]) -> None:
+    for note in notes:
+        err.print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
+
+
 def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -75,13 +81,6 @@ def _device(name: str) -> str:
     from transgqla.devices import resolve_device
 
     return str(resolve_device(name))
-
-
-def _progress_bar(enabled: bool):
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=err, disable=not enabled, transient=False,
-    )
 
 
 @app.command()
@@ -119,18 +118,24 @@ def convert(
         )
         plan = plan_conversion(request)
         if dry_run:
+            _warn(plan.notes)
             doc = _plan_doc(plan)
             print(json.dumps(doc, indent=2)) if as_json else out.print_json(json.dumps(doc))
             return
-        with _progress_bar(not as_json and sys.stderr.isatty()) as bar:
-            task = bar.add_task("converting layers", total=plan.geo.n_layers)
-            result = run_conversion(plan, lambda stage, done, total: bar.update(task, completed=done, total=total))
+        long_work = plan.windows is not None  # calibrated: minutes to hours; data-free: seconds a layer
+        tty = sys.stderr.isatty()
+        if long_work:
+            err.print(plan_line(plan), markup=False, highlight=False, soft_wrap=True)
+        with progress_reporter(err, tty and not as_json or long_work, tty and not as_json, sys.stderr,
+                               plan.geo.n_layers, "converting layers") as update:
+            result = run_conversion(plan, lambda stage, done, total: update(done, total))
     except TransGQLAError as exc:
         _fail(exc, as_json)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the message says how to --resume
         _interrupted(exc, as_json)
     finally:
         restore_sigterm()
+    _warn(plan.notes)  # after the run: a failure's one line is the news; notes are about a finished conversion
     summary = result.summary()
     if as_json:
         print(json.dumps({"ok": True, **summary}, indent=2))

@@ -15,6 +15,7 @@ The mode is thread-local (torch dispatch modes are): run conversions with
 from __future__ import annotations
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -95,8 +96,33 @@ def _dispatch(func, args, kwargs):
     return tree_map(lambda t: OnDevice(t) if _is_plain(t) else t, out)
 
 
-class FakeDevice(TorchDispatchMode):
-    """Within this mode, ``device="meta"`` is a working second device with CUDA's mixing rules."""
-
+class _Dispatch(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         return _dispatch(func, args, kwargs or {})
+
+
+class _DataFactories(TorchFunctionMode):
+    """``torch.tensor(data, device=...)`` copies its data in C++, out of a dispatch mode's sight:
+    make it on the CPU, then move it (which the dispatch mode sees)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.tensor, torch.as_tensor) and kwargs.get("device") is not None \
+                and torch.device(kwargs["device"]) == FAKE:
+            return func(*args, **{**kwargs, "device": "cpu"}).to(FAKE)
+        return func(*args, **kwargs)
+
+
+class FakeDevice:
+    """Within this context, ``device="meta"`` is a working second device with CUDA's mixing rules."""
+
+    def __enter__(self):
+        self._modes = [_DataFactories(), _Dispatch()]
+        for m in self._modes:
+            m.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for m in reversed(self._modes):
+            m.__exit__(*exc)
+        return False

@@ -25,6 +25,14 @@ from test_calibration import make_tokenizer, tiny_text
 DEV = "meta"  # the harness's fake device
 
 
+def accept_the_fake_device(monkeypatch):
+    """The shared ``--device`` parser refuses ``meta`` (rightly): let it through for these tests."""
+    import transgqla.devices as devices
+
+    real = devices.resolve_device
+    monkeypatch.setattr(devices, "resolve_device", lambda name: torch.device(DEV) if name == DEV else real(name))
+
+
 def test_the_harness_raises_where_cuda_would_and_allows_what_cuda_allows():
     with FakeDevice():
         x = torch.randn(3, 4, device=DEV)
@@ -137,16 +145,33 @@ def test_cuda_without_cuda_is_one_line(command, calib_source, tmp_path, monkeypa
 def test_export_reference_check_runs_on_the_device(converted, tmp_path, monkeypatch, fmt, path):
     """The export's reference decoder and its candidate (our decoder, or stock transformers'
     DeepSeek-V3 for the DeepSeek export) on the fake device, with the CPU's verdict and figures."""
-    import transgqla.export as export_mod
-
     from transgqla.export import ExportRequest, run_export
 
     lora = fmt == "deepseek"  # the Qwen2 query bias goes through q_lora_rank
     want = run_export(ExportRequest(converted, tmp_path / "cpu", path=path, format=fmt, query_bias_lora=lora))
-    monkeypatch.setattr(export_mod, "_device", lambda name: name)  # the CLI parser refuses the fake device
+    accept_the_fake_device(monkeypatch)
     with FakeDevice():
         got = run_export(ExportRequest(converted, tmp_path / "dev", path=path, format=fmt, query_bias_lora=lora,
                                        device=DEV))
     assert got.ok and want.ok
     assert got.check.tokens_candidate == want.check.tokens_candidate
     assert got.check.rel_error == pytest.approx(want.check.rel_error, rel=1e-3, abs=1e-9)
+
+
+def test_verify_runs_on_the_device(calib_source, converted, monkeypatch):
+    """Every verify section (structure, paths, fidelity against the source, decode) on the fake device
+    gives the CPU's figures."""
+    from transgqla.verify import run_verify
+
+    monkeypatch.setenv(LAYER_WORKERS_ENV, "0")
+    want = run_verify(converted, source=str(calib_source[0]), device="cpu", tokens=8)
+    accept_the_fake_device(monkeypatch)
+    with FakeDevice():
+        got = run_verify(converted, source=str(calib_source[0]), device=DEV, tokens=8)
+    assert got.ok and want.ok
+    for a, b in zip(want.checks, got.checks, strict=True):
+        assert a.name == b.name and a.ok == b.ok
+        if isinstance(a.value, float):
+            assert b.value == pytest.approx(a.value, rel=1e-4, abs=1e-9), a.name
+        else:
+            assert b.value == a.value, a.name

@@ -90,6 +90,19 @@ def test_calibrated_conversion_runs_on_the_device(calib_source, converted, tmp_p
         assert torch.allclose(got[name].float(), want[name].float(), rtol=1e-4, atol=1e-6), name
 
 
+def test_data_free_conversion_runs_on_the_device(calib_source, tmp_path, monkeypatch):
+    """The data-free per-layer math (RoRoPE/FreqFold PCA, the joint factorization) on the fake device."""
+    src = calib_source[0]
+    req = dict(source=str(src), kv_lora_rank=20, qk_rope_dim=8, calib=None)
+    convert(ConvertRequest(out=tmp_path / "cpu", **req))
+    monkeypatch.setenv(LAYER_WORKERS_ENV, "0")
+    with FakeDevice():
+        convert(ConvertRequest(out=tmp_path / "dev", device=DEV, **req))
+    got, want = _tensors(tmp_path / "dev"), _tensors(tmp_path / "cpu")
+    for name in want:
+        assert torch.allclose(got[name].float(), want[name].float(), rtol=1e-4, atol=1e-6), name
+
+
 @pytest.mark.parametrize("which", ["source", "gqla"])
 def test_reference_decoders_run_on_the_device(calib_source, converted, which):
     folder = calib_source[0] if which == "source" else converted

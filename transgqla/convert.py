@@ -282,6 +282,7 @@ def plan_fingerprint(plan: ConversionPlan) -> str:
             "shape": list(plan.windows.shape), "sequential": r.sequential, "device": r.device,
         },
         "math_threads": plan.math_threads,
+        "device": torch.device(r.device).type,  # another device computes other bits
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
@@ -386,7 +387,7 @@ def _clean_staging(staging: Path, keep: set[str]) -> None:
 
 def _layer_converter(plan: ConversionPlan):
     if plan.windows is None:
-        return DataFreeConverter(plan.checkpoint, plan.geo, plan.settings)
+        return DataFreeConverter(plan.checkpoint, plan.geo, plan.settings, device=plan.request.device)
     return CalibratedConverter(plan.checkpoint, plan.geo, plan.settings, plan.source_config, plan.windows,
                                sequential=plan.request.sequential, device=plan.request.device)
 

@@ -28,15 +28,16 @@ def layer_settings(s: ConversionSettings) -> LayerSettings:
 
 class DataFreeConverter:
     """Statistics from the weights alone (``--calib none``): input moment ``diag(gamma^2)``, and
-    float32 arithmetic (``LayerSettings.work_dtype`` says why)."""
+    float32 arithmetic (``LayerSettings.work_dtype`` says why), on ``device``."""
 
-    def __init__(self, ckpt: SafetensorsCheckpoint, geo: SourceGeometry, settings: ConversionSettings):
-        self.ckpt, self.geo = ckpt, geo
+    def __init__(self, ckpt: SafetensorsCheckpoint, geo: SourceGeometry, settings: ConversionSettings,
+                 device: str = "cpu"):
+        self.ckpt, self.geo, self.device = ckpt, geo, torch.device(device)
         self.settings = replace(layer_settings(settings), work_dtype=torch.float32)
 
     def __call__(self, layer: int) -> ConvertedAttention:
-        src = read_attention(self.ckpt, self.geo, layer, self.settings.work_dtype)
-        moment = InputMoment.data_free(self.ckpt.read(self.geo.family.norm(layer)))
+        src = _on_device(read_attention(self.ckpt, self.geo, layer, self.settings.work_dtype), self.device)
+        moment = InputMoment.data_free(self.ckpt.read(self.geo.family.norm(layer)).to(self.device))
         return convert_attention(src, moment, self.settings)
 
 

@@ -47,7 +47,9 @@ class CalibratedConverter:
     The calibration pass runs on ``device``. The per-layer method math (calib/methods.py) runs on
     ``math_device``, named in its ``LayerContext``: every tensor it is handed (projections, ``W_O``,
     statistics) is moved there first, and its converted tensors go back to ``device`` for the next
-    layer's pass. The CPU for now: the methods' own tensors are made on the CPU.
+    layer's pass. The CPU for now: calib/methods.py and calib/rope_search.py still make positions and
+    candidates on the CPU (the mathx rooms they call are device-clean); once they make them on the
+    device of their inputs, ``math_device`` becomes ``device`` and tests/test_device.py proves it.
     """
 
     math_device = torch.device("cpu")

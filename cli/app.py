@@ -16,12 +16,13 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.markup import escape
 
 from transgqla import __version__
 from transgqla.errors import TransGQLAError
 
-from .render import conversion_table, recipes_table
+from .progress import progress_reporter
+from .render import conversion_table, plan_line, recipes_table
 from .export_cmd import register as register_export
 from .verify_cmd import register as register_verify
 
@@ -50,6 +51,11 @@ def _fail(exc: TransGQLAError, as_json: bool) -> None:
     raise typer.Exit(exc.exit_code)
 
 
+def _warn(notes: list[str]) -> None:
+    for note in notes:
+        err.print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
+
+
 def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -71,20 +77,10 @@ def _interrupted(exc: KeyboardInterrupt, as_json: bool) -> None:
 
 
 def _device(name: str) -> str:
-    import torch
+    """The shared parser (transgqla/devices.py): a one-line error when CUDA is asked for and absent."""
+    from transgqla.devices import resolve_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name not in ("cpu", "cuda"):
-        raise typer.BadParameter(f"--device must be auto, cpu or cuda, not {name!r}")
-    return name
-
-
-def _progress_bar(enabled: bool):
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=err, disable=not enabled, transient=False,
-    )
+    return str(resolve_device(name))
 
 
 @app.command()
@@ -99,7 +95,7 @@ def convert(
     calib_seqlen: int = typer.Option(512, "--calib-seqlen", help="Calibration window length in tokens."),
     method: Optional[str] = typer.Option(None, "--method", help="pca (data-free) | transmla | gqla (default with --calib)."),
     sequential: bool = typer.Option(False, "--sequential", help="Calibrate layer l on the outputs of converted layers < l."),
-    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda for calibration."),
+    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda: where calibration and the layer math run (auto: CUDA when available)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Built-in recipe name or a TOML file."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16|float16|float32 for converted tensors (default: source's)."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
@@ -112,28 +108,34 @@ def convert(
     """Stream a GQA checkpoint into a GQLA checkpoint (format v1)."""
     from transgqla.convert import ConvertRequest, plan_conversion, run_conversion
 
-    request = ConvertRequest(
-        source=source, out=out_dir, kv_lora_rank=kv_lora_rank, qk_rope_dim=qk_rope_dim, freqfold=freqfold,
-        recipe=recipe, calib=None if calib == ["none"] else calib, calib_tokens=calib_tokens, calib_seqlen=calib_seqlen,
-        method=method, sequential=sequential, device=_device(device), dtype=dtype, revision=revision, force=force,
-        max_shard_bytes=int(max_shard_size * 1e9), resume=resume,
-    )
     restore_sigterm = _sigterm_as_interrupt()
     try:
+        request = ConvertRequest(
+            source=source, out=out_dir, kv_lora_rank=kv_lora_rank, qk_rope_dim=qk_rope_dim, freqfold=freqfold,
+            recipe=recipe, calib=None if calib == ["none"] else calib, calib_tokens=calib_tokens,
+            calib_seqlen=calib_seqlen, method=method, sequential=sequential, device=_device(device), dtype=dtype,
+            revision=revision, force=force, max_shard_bytes=int(max_shard_size * 1e9), resume=resume,
+        )
         plan = plan_conversion(request)
         if dry_run:
+            _warn(plan.notes)
             doc = _plan_doc(plan)
             print(json.dumps(doc, indent=2)) if as_json else out.print_json(json.dumps(doc))
             return
-        with _progress_bar(not as_json and sys.stderr.isatty()) as bar:
-            task = bar.add_task("converting layers", total=plan.geo.n_layers)
-            result = run_conversion(plan, lambda stage, done, total: bar.update(task, completed=done, total=total))
+        long_work = plan.windows is not None  # calibrated: minutes to hours; data-free: seconds a layer
+        tty = sys.stderr.isatty()
+        if long_work:
+            err.print(plan_line(plan), markup=False, highlight=False, soft_wrap=True)
+        with progress_reporter(err, tty and not as_json or long_work, tty and not as_json, sys.stderr,
+                               plan.geo.n_layers, "converting layers") as update:
+            result = run_conversion(plan, lambda stage, done, total: update(done, total))
     except TransGQLAError as exc:
         _fail(exc, as_json)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the message says how to --resume
         _interrupted(exc, as_json)
     finally:
         restore_sigterm()
+    _warn(plan.notes)  # after the run: a failure's one line is the news; notes are about a finished conversion
     summary = result.summary()
     if as_json:
         print(json.dumps({"ok": True, **summary}, indent=2))

@@ -118,3 +118,71 @@ def test_calib_auto_uses_builtin_text_when_a_tokenizer_exists(source_factory, tm
     assert r.exit_code == 0, r.output
     settings = json.loads(r.stdout)["settings"]
     assert settings["calib"] == "builtin:calib" and settings["method"] == "gqla"
+
+
+# -- visible long work --------------------------------------------------------------------
+
+
+def _calibrated_source(source_factory, tokenizer=True):
+    from test_calibration import make_tokenizer
+
+    src, _ = source_factory("llama", layers=3)
+    if tokenizer:
+        make_tokenizer(src)
+    return src
+
+
+def test_calibrated_conversion_says_what_runs_then_one_line_per_layer(source_factory, tmp_path):
+    """Off a terminal (a CI log): the plan first, then ``layer i/N, elapsed, ETA`` per layer."""
+    src = _calibrated_source(source_factory)
+    text = tmp_path / "calib.txt"
+    from test_calibration import tiny_text
+
+    text.write_text(tiny_text(2000))
+    r = invoke("convert", src, tmp_path / "out", "--kv-lora-rank", 24, "--qk-rope-dim", 8, "--calib", text,
+               "--calib-tokens", 256, "--calib-seqlen", 32, "--device", "cpu", "--json")
+    assert r.exit_code == 0, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 4, r.stderr
+    assert "method gqla" in lines[0] and "256 tokens = 8 windows of 32" in lines[0] and "device cpu" in lines[0]
+    assert [ln.split(",")[0] for ln in lines[1:]] == ["layer 1/3", "layer 2/3", "layer 3/3"]
+    assert all("elapsed" in ln and "ETA" in ln for ln in lines[1:]) and "in all" in lines[1]
+    assert json.loads(r.stdout)["ok"]
+
+
+def test_line_progress_estimates_from_the_first_layer():
+    import io
+
+    from transgqla.cli.progress import LineProgress
+
+    now = [100.0]
+    stream = io.StringIO()
+    p = LineProgress(stream, clock=lambda: now[0])
+    p.update(2, 10)  # resumed: two layers already done
+    for done in (3, 4):
+        now[0] += 30
+        p.update(done, 10)
+    lines = stream.getvalue().splitlines()
+    assert lines == ["2/10 layers already done",
+                     "layer 3/10, elapsed 30 s, ETA 3 min 30 s (estimate from the first layer: about 4 min 00 s in all)",
+                     "layer 4/10, elapsed 1 min 00 s, ETA 3 min 00 s"]
+
+
+def test_method_pca_works_whatever_files_the_source_ships(source_factory, tmp_path):
+    src = _calibrated_source(source_factory)  # ships tokenizer.json: --calib auto would pick builtin:calib
+    r = invoke("convert", src, tmp_path / "out", "--method", "pca", "--kv-lora-rank", 24, "--qk-rope-dim", 8, "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["settings"]["method"] == "pca" and doc["settings"]["calib"] == "none"
+    assert r.stderr.strip() == ""
+
+
+def test_calib_auto_without_a_tokenizer_says_it_fell_back(source_factory, tmp_path):
+    src = _calibrated_source(source_factory, tokenizer=False)
+    r = invoke("convert", src, tmp_path / "out", "--kv-lora-rank", 24, "--qk-rope-dim", 8, "--json")
+    assert r.exit_code == 0, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: --calib auto") and "weights-only" in lines[0]
+    assert json.loads(r.stdout)["settings"]["calib"] == "none"
+    r = invoke("convert", src, tmp_path / "out2", "--kv-lora-rank", 24, "--qk-rope-dim", 8, "--calib", "none", "--json")
+    assert r.exit_code == 0 and r.stderr.strip() == ""

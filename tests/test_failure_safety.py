@@ -4,7 +4,9 @@ only ever read, and the bytes depend neither on the run nor on the thread count.
 
 Kills use the test hook of transgqla/convert.py: TRANSGQLA_TEST_KILL=shard:N | tensor:N | commit sends
 the process TRANSGQLA_TEST_KILL_SIGNAL (KILL by default). Real SIGKILL/SIGTERM runs go through a
-subprocess; the cheaper in-process kills use SIGINT, which Python turns into KeyboardInterrupt.
+subprocess; the cheaper in-process kills use SIGINT, which Python turns into KeyboardInterrupt once
+its default handler is installed: a process launched in the background by a shell starts with SIGINT
+ignored, so the fixture below installs that handler for each test and restores what was there.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +34,14 @@ from test_calibration import make_tokenizer, tiny_text
 runner = CliRunner()
 ARGS = ["--kv-lora-rank", "24", "--qk-rope-dim", "8", "--max-shard-size", "0.00002"]  # ~20 kB shards
 SETTINGS = dict(kv_lora_rank=24, qk_rope_dim=8, max_shard_bytes=20000)
+
+
+@pytest.fixture(autouse=True)
+def sigint_raises_keyboard_interrupt():
+    """In-process interrupts must not depend on the disposition the test process inherited."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def invoke(*args):
@@ -76,10 +87,12 @@ def clean(src, tmp_path_factory) -> Path:
     return out
 
 
-def _subprocess(src: Path, out: Path, *extra: str, kill: str, signal_name: str = "KILL"):
+def _subprocess(src: Path, out: Path, *extra: str, kill: str, signal_name: str = "KILL", sigint: object = None):
+    """Run the CLI in a child; ``sigint`` is the SIGINT disposition it starts with (default: Python's)."""
     env = {**os.environ, "TRANSGQLA_TEST_KILL": kill, "TRANSGQLA_TEST_KILL_SIGNAL": signal_name}
     cmd = [sys.executable, "-m", "transgqla.cli.app", "convert", str(src), str(out), *ARGS, *extra]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    start = (lambda: signal.signal(signal.SIGINT, sigint)) if sigint is not None else None
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, preexec_fn=start)
 
 
 def test_real_kills_then_resume_is_bit_identical(src, clean, tmp_path):
@@ -105,6 +118,27 @@ def test_real_kills_then_resume_is_bit_identical(src, clean, tmp_path):
     r = invoke("convert", src, out, *ARGS, "--resume", "--json")
     assert r.exit_code == 0, r.output
     assert_same(out, clean)
+
+
+def test_sigterm_interrupts_a_conversion_started_with_sigint_ignored(tmp_path):
+    """A background job (``cmd &``) starts with SIGINT ignored; SIGTERM must still end a calibrated
+    conversion with the one-line --resume message, and the resume must finish it."""
+    src = tmp_path / "src"
+    make_source(src, "llama", layers=3)
+    make_tokenizer(src)
+    text = tmp_path / "calib.txt"
+    text.write_text(tiny_text(3000))
+    calib = ["--calib", str(text), "--calib-tokens", "256", "--calib-seqlen", "32", "--json"]
+    out = tmp_path / "out"
+    p = _subprocess(src, out, *calib, kill="shard:3", signal_name="TERM", sigint=signal.SIG_IGN)
+    assert p.returncode == 130, p.stderr
+    last = p.stderr.strip().splitlines()[-1]  # after the plan and progress lines
+    assert last.startswith("error: interrupted") and "--resume" in last, p.stderr
+    assert json.loads(p.stdout)["exit_code"] == 130
+    assert_interrupted_state(out)
+    r = invoke("convert", src, out, *ARGS, *calib, "--resume")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["resume"]["shards_kept"] == 3
 
 
 def interrupt_in_process(request: ConvertRequest, monkeypatch, kill: str) -> None:

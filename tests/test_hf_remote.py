@@ -248,7 +248,6 @@ ROPE_CONFIGS = [
     {"rope_theta": 500000.0},
     {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}},
     {"rope_theta": 10000.0, "rope_scaling": {"type": "linear", "factor": 4.0}},
-    {"rope_theta": 10000.0, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
     {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
     {"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,

@@ -248,3 +248,55 @@ def test_remote_code_with_known_architecture_converts_without_running_it(src, tm
     assert cfg["auto_map"] == {"AutoConfig": "configuration_gqla.GQLAConfig",
                                "AutoModelForCausalLM": "modeling_gqla.GQLAForCausalLM"}
     assert not any("evil" in p.name for p in out.iterdir())
+
+
+# -- sources a conversion would get silently wrong -----------------------------------------
+
+
+def test_quantization_config_is_refused_with_a_hint_to_dequantize(src):
+    edit_config(src, quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
+    line = refused(src, *SMALL, code=3)
+    assert "quantized" in line and "fp8" in line and "dequantize" in line
+
+
+def test_fp8_weights_with_scales_are_refused_even_without_quantization_config(src):
+    """Casting the raw FP8 codes (``--dtype bfloat16``) would produce garbage: refused up front."""
+    import torch
+
+    name = "model.layers.0.self_attn.k_proj.weight"
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    shard = src / index["weight_map"][name]
+    tensors = load_file(shard)
+    tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+    tensors[name.replace(".weight", ".weight_scale_inv")] = torch.ones(1, 1)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index["weight_map"][name.replace(".weight", ".weight_scale_inv")] = index["weight_map"][name]
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    line = refused(src, *SMALL, "--dtype", "bfloat16", code=3)
+    assert "quantized" in line and "dequantize" in line
+
+
+def test_a_scale_tensor_alone_is_refused(src):
+    import torch
+
+    name = "model.layers.1.mlp.down_proj.weight"
+    replace_tensor(src, name, lambda t: t)  # rewrite the shard with one more tensor below
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    shard = src / index["weight_map"][name]
+    tensors = load_file(shard)
+    tensors["model.layers.1.mlp.down_proj.input_scale"] = torch.ones(1)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index["weight_map"]["model.layers.1.mlp.down_proj.input_scale"] = shard.name
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    line = refused(src, *SMALL, code=3)
+    assert "input_scale" in line and "dequantize" in line
+
+
+@pytest.mark.parametrize("spelling", ["rope_scaling", "rope_parameters"])
+def test_dynamic_rope_scaling_is_refused(src, spelling):
+    if spelling == "rope_scaling":
+        edit_config(src, rope_scaling={"rope_type": "dynamic", "factor": 2.0}, rope_parameters=...)
+    else:
+        edit_config(src, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}, rope_scaling=...)
+    line = refused(src, *SMALL, code=3)
+    assert "dynamic" in line and "original_max_position_embeddings" in line

@@ -56,12 +56,36 @@ def test_row_weighted_factorization_reports_residuals_in_the_plain_metric():
     assert float((got * weight**2).sum()) - dropped_opt <= 1e-6 * dropped_opt
 
 
+def float32_subspace_error_bound(w: torch.Tensor, c: torch.Tensor) -> float:
+    """A first-order bound on ``||W - Q Q^T W|| / ||W||`` when ``Q`` spans the exact rank of ``W`` but
+    comes from a float32 eigensolve of ``G = W C W^T`` (then re-orthonormalized in float64).
+
+    The float32 Gram product and eigensolve perturb ``G`` by ``||dG|| ~ k eps32 lambda_1``, ``k`` about
+    ``sqrt(terms per entry)`` for rounding that adds up like a random walk. That tilts eigenvector
+    ``u_i`` out of the true range by at most ``||dG|| / lambda_i`` (Davis-Kahan: the rest of the
+    spectrum is exactly zero), which leaves ``sqrt(lambda_i) ||dG|| / lambda_i`` of ``W C^1/2`` outside
+    ``span(Q)``. Summed over ``i`` and relative to ``||W C^1/2|| = sqrt(sum lambda)``:
+    ``k eps32 lambda_1 sqrt(sum 1/lambda_i) / sqrt(sum lambda_i)``, times ``sqrt(max C / min C)`` for
+    measuring in the plain metric. The spectrum comes from a float64 reference, not from the code."""
+    lam = torch.linalg.eigvalsh((w * c[None, :]) @ w.T).flip(0)
+    lam = lam[lam > 1e-9 * lam[0]]
+    k = w.shape[1] ** 0.5
+    eps32 = torch.finfo(torch.float32).eps
+    weighted = k * eps32 * lam[0] * (1 / lam).sum().sqrt() / lam.sum().sqrt()
+    return float(weighted * (c.max() / c.min()).sqrt())
+
+
 def test_full_rank_factorization_is_exact():
+    """Exact up to the float32 eigensolve: measured 1.33e-6 on an AMD EPYC (the old fixed 1e-6 bound held
+    only on other CPUs' LAPACK kernels) against the derived bound, 2.4e-5 here; one dropped direction
+    would cost 3.6e-2."""
     g = torch.Generator().manual_seed(3)
     w = torch.randn(30, 17, generator=g, dtype=torch.float64) @ torch.randn(17, 50, generator=g, dtype=torch.float64)
     c = torch.rand(50, generator=g, dtype=torch.float64) + 0.1
     fac = factorize(w, InputMoment(diag=c), 17)
-    assert float((w - fac.up @ fac.down).norm() / w.norm()) < 1e-6
+    bound = float32_subspace_error_bound(w, c)
+    assert 1e-6 < bound < 1e-4  # the bound is a float32-rounding figure, not a loose catch-all
+    assert float((w - fac.up @ fac.down).norm() / w.norm()) < bound
 
 
 def test_orthonormalize_keeps_nearly_orthonormal_columns_and_their_signs():

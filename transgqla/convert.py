@@ -120,6 +120,7 @@ class ConversionPlan:
     windows: "torch.Tensor | None" = None  # calibration token windows [n, seqlen]
     math_threads: int = DEFAULT_MATH_THREADS  # torch threads for the per-layer math
     layer_workers: int = DATA_FREE_WORKERS  # background threads for the per-layer math
+    notes: list[str] = field(default_factory=list)  # what the user should know before it runs (CLI: warnings)
 
     @property
     def output_bytes(self) -> int:
@@ -191,9 +192,17 @@ def plan_conversion(request: ConvertRequest) -> ConversionPlan:
         raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {request.dtype!r}")
     else:
         out_dtype = request.dtype
-    calib = request.calib
+    calib, notes = request.calib, []
     if calib == [AUTO_CALIB]:  # calibrate on the built-in text when the source has a tokenizer
-        calib = [BUILTIN_CALIB] if (path / "tokenizer.json").is_file() else None
+        if request.method == "pca":  # data-free by definition, whatever files the source ships
+            calib = None
+        elif (path / "tokenizer.json").is_file():
+            calib = [BUILTIN_CALIB]
+        else:
+            calib = None
+            notes.append("--calib auto: the source has no tokenizer.json, so this conversion falls back to "
+                         "weights-only statistics (data-free, method pca); pass --calib FILE with a source that "
+                         "has a tokenizer for a calibrated conversion, or --calib none to silence this")
     settings = resolve_settings(
         geo,
         kv_lora_rank=request.kv_lora_rank,
@@ -223,7 +232,7 @@ def plan_conversion(request: ConvertRequest) -> ConversionPlan:
     if request.max_shard_bytes <= 0:
         raise InputError(f"--max-shard-size must be positive, got {request.max_shard_bytes} bytes")
     return ConversionPlan(request, path, identity, config, geo, settings, ckpt, outputs, converted, copied, windows,
-                          _math_threads_setting(), _layer_workers(windows is not None))
+                          _math_threads_setting(), _layer_workers(windows is not None), notes)
 
 
 def _env_count(name: str, default: int, minimum: int) -> int:
@@ -273,6 +282,7 @@ def plan_fingerprint(plan: ConversionPlan) -> str:
             "shape": list(plan.windows.shape), "sequential": r.sequential, "device": r.device,
         },
         "math_threads": plan.math_threads,
+        "device": torch.device(r.device).type,  # another device computes other bits
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
@@ -377,7 +387,7 @@ def _clean_staging(staging: Path, keep: set[str]) -> None:
 
 def _layer_converter(plan: ConversionPlan):
     if plan.windows is None:
-        return DataFreeConverter(plan.checkpoint, plan.geo, plan.settings)
+        return DataFreeConverter(plan.checkpoint, plan.geo, plan.settings, device=plan.request.device)
     return CalibratedConverter(plan.checkpoint, plan.geo, plan.settings, plan.source_config, plan.windows,
                                sequential=plan.request.sequential, device=plan.request.device)
 
@@ -455,7 +465,7 @@ def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> Co
                     progress("layers", len(reports), plan.geo.n_layers)
             return current[1]
 
-        if progress and reports:
+        if progress:  # the starting point (layers a resumed run already has), before any new work
             progress("layers", len(reports), plan.geo.n_layers)
         for spec in plan.outputs:
             done = writer.is_done(spec.name)

@@ -14,7 +14,7 @@ import torch
 from .calib.methods import LayerContext, convert_layer
 from .calib.runner import LayerwiseCalibration
 from .io import SafetensorsCheckpoint
-from .mathx.gqla_layer import ConvertedAttention, LayerSettings, convert_attention
+from .mathx.gqla_layer import ConvertedAttention, LayerSettings, SourceAttention, convert_attention
 from .mathx.moments import InputMoment
 from .mathx.rope import inv_freq
 from .settings import ConversionSettings
@@ -28,20 +28,31 @@ def layer_settings(s: ConversionSettings) -> LayerSettings:
 
 class DataFreeConverter:
     """Statistics from the weights alone (``--calib none``): input moment ``diag(gamma^2)``, and
-    float32 arithmetic (``LayerSettings.work_dtype`` says why)."""
+    float32 arithmetic (``LayerSettings.work_dtype`` says why), on ``device``."""
 
-    def __init__(self, ckpt: SafetensorsCheckpoint, geo: SourceGeometry, settings: ConversionSettings):
-        self.ckpt, self.geo = ckpt, geo
+    def __init__(self, ckpt: SafetensorsCheckpoint, geo: SourceGeometry, settings: ConversionSettings,
+                 device: str = "cpu"):
+        self.ckpt, self.geo, self.device = ckpt, geo, torch.device(device)
         self.settings = replace(layer_settings(settings), work_dtype=torch.float32)
 
     def __call__(self, layer: int) -> ConvertedAttention:
-        src = read_attention(self.ckpt, self.geo, layer, self.settings.work_dtype)
-        moment = InputMoment.data_free(self.ckpt.read(self.geo.family.norm(layer)))
+        src = _on_device(read_attention(self.ckpt, self.geo, layer, self.settings.work_dtype), self.device)
+        moment = InputMoment.data_free(self.ckpt.read(self.geo.family.norm(layer)).to(self.device))
         return convert_attention(src, moment, self.settings)
 
 
 class CalibratedConverter:
-    """Statistics from calibration text, gathered layer by layer from the streaming source."""
+    """Statistics from calibration text, gathered layer by layer from the streaming source.
+
+    The calibration pass runs on ``device``. The per-layer method math (calib/methods.py) runs on
+    ``math_device``, named in its ``LayerContext``: every tensor it is handed (projections, ``W_O``,
+    statistics) is moved there first, and its converted tensors go back to ``device`` for the next
+    layer's pass. The CPU for now: calib/methods.py and calib/rope_search.py still make positions and
+    candidates on the CPU (the mathx rooms they call are device-clean); once they make them on the
+    device of their inputs, ``math_device`` becomes ``device`` and tests/test_device.py proves it.
+    """
+
+    math_device = torch.device("cpu")
 
     def __init__(self, ckpt, geo: SourceGeometry, settings: ConversionSettings, source_config: dict,
                  windows, *, sequential: bool, device: str = "cpu", sample_windows: int = 2):
@@ -54,19 +65,26 @@ class CalibratedConverter:
             "qk_nope_head_dim": geo.head_dim, "qk_rope_head_dim": settings.qk_rope_head_dim,
             "v_head_dim": geo.head_dim, "kv_lora_rank": settings.kv_lora_rank,
         }
+        self.device = torch.device(device)
         self.freqs = inv_freq(geo.head_dim, geo.rope_base, geo.rope_scaling)
         self.window = self.runner.dec.geo.sliding_window
 
     def __call__(self, layer: int) -> ConvertedAttention:
         while self.runner.next_layer < layer:  # layers with nothing to convert still move the states
             self.runner.advance(self.runner.next_layer)
-        src = read_attention(self.ckpt, self.geo, layer)
-        calib = self.runner.statistics(layer, attention_weighted=self.settings.method == "gqla")
+        dev = self.math_device
+        src = _on_device(read_attention(self.ckpt, self.geo, layer), dev)
+        calib = self.runner.statistics(layer, attention_weighted=self.settings.method == "gqla").to(dev)
         ctx = LayerContext(
-            wo=self.ckpt.read(self.geo.family.tensor(layer, "o")).double(),
-            freqs=self.freqs, window=self.window, gqla_config=self.gqla_config,
+            wo=self.ckpt.read(self.geo.family.tensor(layer, "o")).to(device=dev, dtype=torch.float64),
+            freqs=self.freqs.to(dev), window=self.window, gqla_config=self.gqla_config, device=dev,
         )
         conv = convert_layer(src, calib, self.layer_settings, self.settings.method, ctx,
                              search_freqfold=self.settings.freqfold_requested == "auto")
         self.runner.advance(layer, conv.tensors, self.gqla_config)
         return conv
+
+
+def _on_device(src: SourceAttention, device: torch.device) -> SourceAttention:
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return replace(src, wq=move(src.wq), wk=move(src.wk), wv=move(src.wv), bq=move(src.bq), bk=move(src.bk), bv=move(src.bv))

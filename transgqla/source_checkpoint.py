@@ -14,7 +14,11 @@ from .errors import InputError, UnsupportedError
 from .families import Family
 from .io import SafetensorsCheckpoint, resolve_source
 from .mathx.gqla_layer import SourceAttention
-from .source_geometry import SourceGeometry
+from .source_geometry import DEQUANTIZE_HINT, SourceGeometry
+
+# Tensors that only quantized checkpoints hold: FP8 block scales, GPTQ/AWQ packed weights and scales.
+QUANTIZATION_TENSORS = re.compile(r"(_scale|_scale_inv|\.scales|\.qweight|\.qzeros|\.g_idx)$")
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
 
 def natural_key(name: str) -> list[Any]:
@@ -86,6 +90,10 @@ def validate_tensors(ckpt: SafetensorsCheckpoint, geo: SourceGeometry, config: d
     tensor (embeddings, norms, MLP; when ``config`` is given), or a layer beyond the config's count."""
     fam = geo.family
     names = set(ckpt.names)
+    for name in sorted(names, key=natural_key):
+        spec = ckpt.spec(name)
+        if QUANTIZATION_TENSORS.search(name) or (name.endswith(".weight") and spec.dtype not in FLOAT_DTYPES):
+            raise UnsupportedError(f"tensor {name} ({spec.dtype}) belongs to a quantized checkpoint; {DEQUANTIZE_HINT}")
     for name in names:
         for frag in fam.refused_tensors:
             if frag in name:

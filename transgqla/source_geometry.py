@@ -47,9 +47,21 @@ def _int(config: dict[str, Any], key: str) -> int:
     return value
 
 
+DEQUANTIZE_HINT = "dequantize it to bfloat16 or float16 first (load it with transformers and save_pretrained)"
+
+
+def refuse_quantized_config(config: dict[str, Any]) -> None:
+    """A quantized source's stored weights are codes, not the weights: converting them is meaningless."""
+    quant = config.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "unknown method") if isinstance(quant, dict) else "unknown method"
+        raise UnsupportedError(f"the source is quantized (quantization_config: {method}); {DEQUANTIZE_HINT}")
+
+
 def read_geometry(config: dict[str, Any]) -> SourceGeometry:
     """Validate a source config and return its geometry (one-line errors for every inconsistency)."""
     family = family_for(config)
+    refuse_quantized_config(config)
     missing = [k for k in REQUIRED_KEYS if k not in config]
     if missing:
         raise InputError(f"config.json is missing required keys: {', '.join(missing)}")

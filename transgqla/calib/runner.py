@@ -1,6 +1,8 @@
 """Layer-by-layer calibration pass over the source checkpoint, in bounded memory.
 
-Only the calibration hidden states ``h[n, L, D]`` (float32) and one decoder layer's tensors are held.
+Only the calibration hidden states ``h[n, L, D]`` (float32) and one decoder layer's tensors are held,
+both on the run's device; statistics come back on that device too (``LayerCalibration.to`` moves them
+to wherever the layer math runs).
 For layer ``l``: ``statistics(l)`` returns the input moment of its attention and a few sample input
 sequences; the caller converts the layer; ``advance(l, converted)`` pushes ``h`` through layer ``l``
 — through the source attention, or with ``sequential`` through the converted one, so that later
@@ -30,6 +32,14 @@ class LayerCalibration:
     # queries): the tokens attention reads from, attention sinks first, are the ones whose keys and
     # values must be reconstructed well.
     attention_moment: InputMoment | None = None
+
+    def to(self, device: torch.device | str) -> "LayerCalibration":
+        """The same statistics on ``device``."""
+        def move(m: InputMoment | None) -> InputMoment | None:
+            if m is None:
+                return None
+            return InputMoment(diag=m.diag.to(device)) if m.diag is not None else InputMoment(dense=m.dense.to(device))
+        return LayerCalibration(move(self.moment), self.samples.to(device), self.tokens, move(self.attention_moment))
 
 
 class LayerwiseCalibration:
@@ -69,7 +79,7 @@ class LayerwiseCalibration:
         for sl in self._chunks():
             x = rms_norm(self.h[sl], norm_w, geo.eps)
             if sum(s.shape[0] for s in samples) < self.n_samples:
-                samples.append(x[: self.n_samples - sum(s.shape[0] for s in samples)].cpu())
+                samples.append(x[: self.n_samples - sum(s.shape[0] for s in samples)].clone())
             xa = torch.cat((x.reshape(-1, x.shape[-1]), torch.ones(x.shape[0] * x.shape[1], 1, device=x.device)), 1)
             acc += (xa.T @ xa).double()  # float32 products, float64 accumulation across chunks
             if attention_weighted:
@@ -79,8 +89,8 @@ class LayerwiseCalibration:
                 received = probs.sum(dim=(1, 2)).reshape(-1, 1)  # [B*L, 1]
                 acc_w += ((xa * received).T @ xa).double()
                 weight_sum += float(received.sum())
-        moment = InputMoment(dense=(acc / self.tokens).cpu())
-        weighted = InputMoment(dense=(acc_w / weight_sum).cpu()) if attention_weighted else None
+        moment = InputMoment(dense=acc / self.tokens)
+        weighted = InputMoment(dense=acc_w / weight_sum) if attention_weighted else None
         return LayerCalibration(moment=moment, samples=torch.cat(samples), tokens=self.tokens, attention_moment=weighted)
 
     @torch.no_grad()

@@ -104,13 +104,9 @@ def _validate(req: ExportRequest) -> None:
 
 
 def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: CUDA is not available on this machine (use auto or cpu)")
-    if name not in ("cpu", "cuda"):
-        raise InputError(f"--device must be auto, cpu or cuda, got {name!r}")
-    return name
+    from ..devices import resolve_device  # the one --device parser
+
+    return str(resolve_device(name))
 
 
 def _write(req: ExportRequest, src: GQLACheckpoint, folder: Path, warnings: list[str]) -> tuple[dict, Any, str]:

@@ -35,7 +35,7 @@ def source_attention_parts(x, wq, bq, wk, bk, n_heads, n_groups, head_dim, freqs
     b, length, _ = x.shape
     q = torch.nn.functional.linear(x, wq, bq).view(b, length, n_heads, head_dim).transpose(1, 2)
     k = torch.nn.functional.linear(x, wk, bk).view(b, length, n_groups, head_dim).transpose(1, 2)
-    pos = torch.arange(length)
+    pos = torch.arange(length, device=x.device)
     cos, sin = cos_sin(freqs, pos, dtype=x.dtype)
     m = n_heads // n_groups
     scores = rotate_half_layout(q, cos, sin) @ rotate_half_layout(k, cos, sin).repeat_interleave(m, 1).transpose(2, 3)
@@ -58,7 +58,7 @@ def rotation_stats(q, k, probs, freqs) -> tuple[torch.Tensor, torch.Tensor]:
     m = n_h // n_g
     a = (q[..., :half] ** 2 + q[..., half:] ** 2).double()  # [B, n_h, L, d/2]
     kk = (k[..., :half] ** 2 + k[..., half:] ** 2).double().repeat_interleave(m, 1)
-    cos, sin = cos_sin(freqs, torch.arange(length), dtype=torch.float64)  # [L, d/2]
+    cos, sin = cos_sin(freqs, torch.arange(length, device=q.device), dtype=torch.float64)  # [L, d/2]
     p = probs.double()
     x_c = p @ (kk * cos)  # sum_s p(t,s) B(s) cos(s w)
     x_s = p @ (kk * sin)

@@ -141,7 +141,8 @@ def convert_attention(
         if settings.balance_kv:
             if e_k > 0 and e_v > 0:
                 alpha = math.sqrt(e_v / e_k) * math.sqrt(obj.kv_balance or 1.0)
-                row_weight = torch.cat((torch.full((n_g * d,), alpha, dtype=dt), torch.ones(n_g * d, dtype=dt)))
+                row_weight = torch.cat((torch.full((n_g * d,), alpha, dtype=dt, device=joint.device),
+                                        torch.ones(n_g * d, dtype=dt, device=joint.device)))
         fac = factorize(joint, moment, r, row_weight)
     up_k = fac.up[: n_g * d].reshape(n_g, d, r)
     up_v = fac.up[n_g * d :].reshape(n_g, d, r)
@@ -153,7 +154,7 @@ def convert_attention(
     q_mult = src_scale * math.sqrt(d + d_r)
     v_heads = v_basis.reshape(n_g, d, d_r).repeat_interleave(m, dim=0).transpose(1, 2)  # [n_h, d_R, d]
     wq = src.wq.to(dt).reshape(n_h, d, -1)
-    q_w = torch.empty(n_h, d + d_r, wq.shape[-1], dtype=dt)
+    q_w = torch.empty(n_h, d + d_r, wq.shape[-1], dtype=dt, device=wq.device)
     torch.mul(wq, q_mult, out=q_w[:, :d])
     torch.bmm(v_heads, wq, out=q_w[:, d:])
     q_w[:, d:] *= q_mult
@@ -164,10 +165,10 @@ def convert_attention(
         "kv_b_proj.weight": torch.cat((up_k, up_v), dim=1).reshape(n_g * 2 * d, r),
     }
     if src.has_bias:
-        bq = torch.zeros(n_h, d, dtype=dt) if src.bq is None else src.bq.to(dt).reshape(n_h, d)
+        bq = torch.zeros(n_h, d, dtype=dt, device=wq.device) if src.bq is None else src.bq.to(dt).reshape(n_h, d)
         out["q_proj.bias"] = torch.cat((bq, (v_heads @ bq[..., None])[..., 0]), dim=1).mul(q_mult).reshape(-1)
         out["kv_a_proj_with_mqa.bias"] = torch.cat((fac.down[:, -1], w_rope[:, -1]))
-        kv_b_bias = torch.zeros(n_g, 2 * d, dtype=dt)
+        kv_b_bias = torch.zeros(n_g, 2 * d, dtype=dt, device=wq.device)
         kv_b_bias[:, d:] = value_bias.reshape(n_g, d)
         out["kv_b_proj.bias"] = kv_b_bias.reshape(-1)
     report = {

@@ -15,7 +15,13 @@ import torch
 
 from ..errors import UnsupportedError
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# Refused with their reason: converting them as plain RoPE would be silently wrong.
+REFUSED_ROPE_TYPES = {
+    "dynamic": "dynamic NTK scaling changes the frequencies with the sequence length, and GQLA's RoPE key "
+               "rotates at fixed ones: the converted model would diverge from the source past "
+               "original_max_position_embeddings",
+}
 
 
 def rope_settings(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
@@ -30,6 +36,8 @@ def rope_settings(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]
         scaling = dict(config["rope_scaling"]) if config.get("rope_scaling") else None
     if scaling is not None:
         kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind in REFUSED_ROPE_TYPES:
+            raise UnsupportedError(f"rope scaling '{kind}' is not supported: {REFUSED_ROPE_TYPES[kind]}")
         if kind not in SUPPORTED_ROPE_TYPES:
             raise UnsupportedError(
                 f"rope scaling '{kind}' is not supported; supported are {', '.join(SUPPORTED_ROPE_TYPES)}"
@@ -53,8 +61,6 @@ def inv_freq(dim: int, base: float, scaling: dict[str, Any] | None = None) -> to
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "linear":
         return w / float(scaling["factor"])
-    if kind == "dynamic":  # identical to plain RoPE up to the original context length
-        return w
     if kind == "llama3":
         factor = float(scaling["factor"])
         low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
@@ -69,8 +75,9 @@ def inv_freq(dim: int, base: float, scaling: dict[str, Any] | None = None) -> to
 
 
 def cos_sin(freqs: torch.Tensor, positions: torch.Tensor, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cos, sin`` of shape ``[len(positions), len(freqs)]`` computed in float64."""
-    angles = positions.to(torch.float64)[:, None] * freqs.to(torch.float64)[None, :]
+    """``cos, sin`` of shape ``[len(positions), len(freqs)]`` computed in float64, on ``positions``'
+    device (frequencies are small and kept on the CPU; they move to the data they meet)."""
+    angles = positions.to(torch.float64)[:, None] * freqs.to(device=positions.device, dtype=torch.float64)[None, :]
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 

@@ -101,7 +101,7 @@ class Decoder:
         """Greedy decoding with a KV cache: prefill once, then one token per step."""
         cache = self.new_cache(path)
         logits = self.forward(input_ids, cache)
-        out = [input_ids]
+        out = [input_ids.to(self.device)]
         for _ in range(max_new_tokens):
             nxt = logits[:, -1].argmax(-1, keepdim=True)
             out.append(nxt)

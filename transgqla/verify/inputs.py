@@ -32,18 +32,9 @@ BUILTIN_TEXT_CHARS = 12_000  # enough for two 512-token windows with a Llama-sty
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu":
-        return torch.device("cpu")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise InputError(f"--device {device}: CUDA is not available on this machine (use auto or cpu)")
-        try:
-            return torch.device(device)
-        except RuntimeError:
-            raise InputError(f"--device {device!r} is not a valid CUDA device") from None
-    raise InputError(f"--device must be auto, cpu or cuda, got {device!r}")
+    from ..devices import resolve_device as shared  # the one --device parser
+
+    return shared(device)
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:

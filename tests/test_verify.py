@@ -482,3 +482,24 @@ def test_decode_reads_a_small_model_once_and_streams_a_large_one(lossy, monkeypa
     assert again.get("decode.tokens").details["tokens"] == resident.get("decode.tokens").details["tokens"]
     assert streamed.layer_loads > FAST["tokens"] * n_layer_tensors
     assert streamed.peak <= _largest_layer_bytes(out) < kept.peak
+
+
+def test_text_perplexity_equals_eval_ppl(lossy, tmp_path):
+    """``verify --text`` and ``eval-ppl`` read, tokenize and window a file the same way: the source's
+    and the checkpoint's perplexities agree with eval-ppl's (a short tail is dropped by both)."""
+    import shutil
+
+    from transgqla.evaluate import perplexity
+
+    src, out = lossy
+    write_char_tokenizer(out)
+    shutil.copy(out / "tokenizer.json", src / "tokenizer.json")
+    text = tmp_path / "eval.txt"
+    text.write_text("A quiet harbour at dawn: gulls, ropes, and the slow creak of boats. " * 5)  # 345 chars
+    ppl = run_verify(out, text=text, checks=["fidelity"], **FAST).get("fidelity.perplexity").details
+    path = json.loads((out / "config.json").read_text())["gqla"]["decode_path"]
+    want_gqla = perplexity(str(out), [str(text)], seqlen=FAST["seqlen"], path=path)
+    want_src = perplexity(str(src), [str(text)], seqlen=FAST["seqlen"])
+    assert want_gqla.windows == 345 // FAST["seqlen"]
+    assert ppl["ppl_gqla"] == pytest.approx(want_gqla.perplexity, rel=1e-5)
+    assert ppl["ppl_source"] == pytest.approx(want_src.perplexity, rel=1e-5)

@@ -25,7 +25,7 @@ from ..errors import InputError
 from ..model.decoder import GQLADecoder
 from .decode import check_decode
 from .fidelity import FIXED_SEQLEN, FIXED_WINDOWS, FidelityBounds, find_source, fidelity_checks, measure, no_source_checks, open_source
-from .inputs import builtin_eval_text, encode, fixed_ids, load_tokenizer, read_text, resolve_device, resolve_dtype, windows
+from .inputs import builtin_eval_text, encode, fixed_ids, load_tokenizer, read_text, resolve_device, resolve_dtype, text_windows, windows
 from .layerwise import LayerwiseModel
 from .paths import check_paths
 from .report import SECTIONS, Check, VerifyReport, skipped
@@ -52,8 +52,7 @@ def _sections(checks: Iterable[str] | None) -> list[str]:
 def _fidelity_text(tokenizer, text: Path | None, seqlen: int, vocab: int):
     """(windows, description, real text?) for the fidelity section."""
     if text is not None:
-        ids = encode(tokenizer, read_text(text), vocab)
-        wins, how, real = windows(ids, seqlen), f"{text}", True
+        wins, how, real = text_windows(tokenizer, read_text(text), seqlen, vocab), f"{text}", True
     elif tokenizer is not None:
         body, how = builtin_eval_text()
         wins, real = windows(encode(tokenizer, body, vocab), seqlen, BUILTIN_WINDOWS), True

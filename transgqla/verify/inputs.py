@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from ..calib.text import read_text as read_sources
+from ..calib.text import token_windows
 from ..errors import InputError, TransGQLAError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -69,7 +71,8 @@ def load_tokenizer(folder: Path):
 
 
 def encode(tokenizer, text: str, vocab: int) -> list[int]:
-    ids = tokenizer.encode(text).ids
+    """Token ids of ``text`` without special tokens (as calibration and ``eval-ppl`` tokenize)."""
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
     if any(i >= vocab or i < 0 for i in ids):
         raise InputError(f"the tokenizer produced ids outside the model's vocabulary of {vocab}")
     return ids
@@ -95,20 +98,18 @@ def builtin_eval_text() -> tuple[str, str]:
 
 
 def read_text(path: Path) -> str:
-    """A text file, or ``builtin:NAME`` (the offline texts of :mod:`transgqla.texts`) as for calibration."""
-    if str(path).startswith("builtin:"):
-        from ..calib.text import read_text as read_sources
-
-        return read_sources([str(path)])
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"--text {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"--text {path} cannot be read as UTF-8 text: {exc}".splitlines()[0]) from None
-    if not text.strip():
-        raise InputError(f"--text {path} is empty")
-    return text
+    """A text file (JSONL: its ``text`` fields), or ``builtin:NAME`` (the offline texts of
+    :mod:`transgqla.texts`), read as calibration and ``eval-ppl`` read it; a bad file is a one-line error."""
+    if not str(path).startswith("builtin:"):
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise InputError(f"--text {path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"--text {path} cannot be read as UTF-8 text: {exc}".splitlines()[0]) from None
+        if not text.strip():
+            raise InputError(f"--text {path} is empty")
+    return read_sources([str(path)])
 
 
 def windows(ids: list[int], seqlen: int, max_windows: int | None = None) -> list[torch.Tensor]:
@@ -118,6 +119,16 @@ def windows(ids: list[int], seqlen: int, max_windows: int | None = None) -> list
     out = [torch.tensor(ids[i : i + seqlen]) for i in range(0, len(ids), seqlen)]
     out = [w for w in out if w.numel() >= 2]
     return out[:max_windows] if max_windows else out
+
+
+def text_windows(tokenizer, text: str, seqlen: int, vocab: int) -> list[torch.Tensor]:
+    """``--text`` windows exactly as ``eval-ppl`` makes them (:func:`~transgqla.calib.text.token_windows`:
+    no special tokens, non-overlapping ``seqlen`` windows, a short tail dropped), so that both commands
+    report the same perplexity for the same file."""
+    wins = token_windows(text, tokenizer, seqlen)
+    if int(wins.max()) >= vocab or int(wins.min()) < 0:
+        raise InputError(f"the tokenizer produced ids outside the model's vocabulary of {vocab}")
+    return list(wins)
 
 
 def batches(wins: list[torch.Tensor], max_tokens: int = BATCH_TOKENS) -> list[torch.Tensor]:

@@ -296,6 +296,14 @@ class SafetensorsCheckpoint:
         self._read_into(name, buf)
         return torch.frombuffer(buf, dtype=dtype).reshape(spec.shape)
 
+    def read_into(self, name: str, buf: bytearray | memoryview, offset: int = 0) -> None:
+        """Fill ``buf`` with the tensor's raw bytes from ``offset`` bytes into its data (a caller that
+        reads the same shapes over and over reuses one buffer instead of fresh pages every time)."""
+        nbytes = self._entry(name)[1].spec.nbytes
+        if offset < 0 or offset + memoryview(buf).nbytes > nbytes:
+            raise ValueError(f"bytes [{offset}, {offset + memoryview(buf).nbytes}) are outside {name!r} ({nbytes} bytes)")
+        self._read_into(name, buf, offset)
+
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``[start, stop)`` of the tensor along its first dim (stored dtype, owns its memory):
         an embedding lookup or a vocabulary chunk of a head without reading the whole matrix."""

@@ -1,15 +1,16 @@
 """Bounded-memory benchmark: peak RSS and wall time of ``verify`` and of every ``export`` at 8B geometry.
 
-    python benchmarks/bounded_memory.py [--layers N] [--workdir DIR] [--keep-source] [--skip-exports]
+    python benchmarks/bounded_memory.py [--layers N] [--workdir DIR] [--keep-source] [--skip-exports] [--tokenizer FILE]
 
 What it does (each step a fresh subprocess; peak RSS from ``os.wait4``, i.e. that process's own
 ``ru_maxrss``; the address space of each capped with ``RLIMIT_AS`` so that an unbounded command fails
 with an allocation error instead of pushing the machine into the OOM killer):
 
 1. ``benchmarks/scale.py --geometry 8b --generate-only`` (``--layers N`` for a quick run): the
-   synthetic Llama-3-8B checkpoint (bf16, 16 GB at 32 layers), cached in the work folder; the demo
-   model's ``tokenizer.json`` is copied in when it is available (its ids fit the 128256 vocabulary),
-   so that verify scores real text (two 512-token windows) as it would on a real model;
+   synthetic Llama-3-8B checkpoint (bf16, 16 GB at 32 layers), cached in the work folder. It has no
+   tokenizer, so verify's fidelity runs on fixed ids (4 windows of 128); ``--tokenizer`` copies one in
+   (e.g. the demo's ``tokenizer.json``: its ids fit the 128256 vocabulary) so that verify scores real
+   text (two 512-token windows, twice the tokens) as on a real model;
 2. ``transgqla convert SRC OUT --kv-lora-rank 512 --qk-rope-dim 64 --calib none`` (data-free);
 3. ``transgqla verify OUT --json`` (every section; fidelity against SRC, recorded in OUT's config),
    address space capped at ``--verify-cap-gb`` (default 22, as on a 24 GiB machine);
@@ -39,7 +40,6 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 DEFAULT_WORKDIR = Path("/work/tmp-bench")
 TARGET_GB = 3.0
-DEMO_TOKENIZER = Path.home() / ".cache/transgqla/demo/smollm2-135m-instruct/tokenizer.json"
 CONVERT_FLAGS = ["--kv-lora-rank", "512", "--qk-rope-dim", "64", "--calib", "none"]
 #: (label, export flags): every form ``transgqla export`` writes on this branch.
 EXPORTS: list[tuple[str, list[str]]] = [
@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help=f"scratch folder (default {DEFAULT_WORKDIR})")
     ap.add_argument("--keep-source", action="store_true", help="keep the generated source for a later run")
     ap.add_argument("--skip-exports", action="store_true")
+    ap.add_argument("--tokenizer", type=Path, default=None, help="a tokenizer.json to copy into the source (real-text fidelity)")
     ap.add_argument("--verify-cap-gb", type=float, default=22.0)
     ap.add_argument("--export-cap-gb", type=float, default=8.0)
     args = ap.parse_args(argv)
@@ -103,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     logs.mkdir(exist_ok=True)
     gen = [sys.executable, str(HERE / "scale.py"), "--geometry", "8b", "--generate-only", "--workdir", str(work)]
     subprocess.run(gen + ([] if args.layers is None else ["--layers", str(args.layers)]), check=True, cwd=HERE.parent)
-    if DEMO_TOKENIZER.is_file() and not (src / "tokenizer.json").is_file():
-        shutil.copy(DEMO_TOKENIZER, src / "tokenizer.json")
+    if args.tokenizer is not None:
+        shutil.copy(args.tokenizer, src / "tokenizer.json")
+    elif (src / "tokenizer.json").is_file():
+        (src / "tokenizer.json").unlink()  # left by an earlier --tokenizer run
     print(f"source {src}: tokenizer {'yes' if (src / 'tokenizer.json').is_file() else 'no'}; "
           f"free disk {shutil.disk_usage(work).free / 1e9:.1f} GB", flush=True)
 

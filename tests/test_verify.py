@@ -401,7 +401,6 @@ class _LiveLoads:
     tensors still alive (a weakref finalizer per tensor) and the row count of every other read."""
 
     def __init__(self, monkeypatch):
-        import itertools
         import weakref
 
         from transgqla.verify.layerwise import LayerwiseModel
@@ -410,16 +409,15 @@ class _LiveLoads:
         self.peak = 0
         self.other_rows: list[tuple[str, int]] = []
         self.layer_loads = 0
-        keys = itertools.count()
         orig = LayerwiseModel._load
 
-        def load(model, name, rows=None):
-            t = orig(model, name, rows)
+        def load(model, name, rows=None, pooled=False):
+            t = orig(model, name, rows, pooled)
             if name.startswith("model.layers."):
-                key = next(keys)
                 self.layer_loads += 1
-                self.live[key] = t.numel() * t.element_size()
-                weakref.finalize(t, self.live.pop, key)
+                if id(t) not in self.live:  # a recycled tensor refilled in place counts once
+                    self.live[id(t)] = t.numel() * t.element_size()
+                    weakref.finalize(t, self.live.pop, id(t))
                 self.peak = max(self.peak, sum(self.live.values()))
             else:
                 self.other_rows.append((name, t.shape[0]))

@@ -50,7 +50,7 @@ def greedy(model: LayerwiseModel, ids: torch.Tensor, n: int) -> dict[str, tuple[
                 h[p] = dec.block(i, h[p], pos, caches[p])
                 _sync(model.device)
                 seconds[p] += time.perf_counter() - began
-            del dec
+            model.recycle(dec)  # layer i + 1 is read into these tensors
         logits = model.logits(torch.cat([h[p][:, -1] for p in PATHS]))  # [paths, V]: one head pass
         for row, p in enumerate(PATHS):
             nxt = int(logits[row].argmax())
@@ -67,6 +67,7 @@ def _warm_up(model: LayerwiseModel, ids: torch.Tensor) -> None:
     for p in PATHS:
         cache = KVCache(p)
         dec.block(0, dec.block(0, h, model.positions(ids.shape[1]), cache)[:, -1:], model.positions(1, ids.shape[1]), cache)
+    model.recycle(dec)
 
 
 def source_values_per_token(cfg: dict[str, Any]) -> int:

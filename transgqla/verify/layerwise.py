@@ -14,7 +14,10 @@ dtype and keeps it only while it is used:
   ``W[rows, D]``, so logits are produced (and reduced) a slice of the vocabulary at a time.
 
 Every tensor is read through :meth:`LayerwiseModel._load`, the one place that counts what is live
-(the memory-bound tests hook it).
+(the memory-bound tests hook it). A loop that reads the same shapes again and again (decode: every
+layer at every step; the head's chunks) hands finished tensors back (:meth:`recycle`, and the head
+chunks by themselves) and the next read of that shape fills them in place through one reused
+staging buffer: no fresh pages to fault in and zero for every tensor of every step.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 
 from ..errors import UnsupportedError
 from ..io import SafetensorsCheckpoint
+from ..io.safetensors_format import to_torch_dtype
 from ..model.decoder import Decoder, rms_norm
 
 HEAD_CHUNK_BYTES = 64 << 20  # default vocabulary chunk of the head, in compute-dtype bytes
@@ -56,6 +60,8 @@ class LayerwiseModel:
         self._resident: dict[int, Decoder] = {}
         self._resident_used = 0
         self._norm: torch.Tensor | None = None
+        self._pool: dict[tuple[int, ...], list[torch.Tensor]] = defaultdict(list)  # shape -> free tensors
+        self._staging = bytearray()
 
     def _decoder(self, tensors: dict[str, torch.Tensor]) -> Decoder:
         try:
@@ -63,10 +69,33 @@ class LayerwiseModel:
         except ValueError as exc:  # e.g. an activation the reference decoder does not implement
             raise UnsupportedError(f"{self.ckpt.folder}: {exc}") from None
 
-    def _load(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """Tensor ``name`` (or its rows ``[start, stop)``) on the device, in the compute dtype."""
-        t = self.ckpt.read(name) if rows is None else self.ckpt.read_rows(name, *rows)
-        return t.to(device=self.device, dtype=self.dtype)
+    def _load(self, name: str, rows: tuple[int, int] | None = None, pooled: bool = False) -> torch.Tensor:
+        """Tensor ``name`` (or its rows ``[start, stop)``) on the device, in the compute dtype; with
+        ``pooled``, into a recycled tensor of that shape when there is one."""
+        spec = self.ckpt.spec(name)
+        shape = tuple(spec.shape) if rows is None else (rows[1] - rows[0], *spec.shape[1:])
+        free = self._pool.get(shape) if pooled else None
+        if not free:
+            t = self.ckpt.read(name) if rows is None else self.ckpt.read_rows(name, *rows)
+            return t.to(device=self.device, dtype=self.dtype)
+        out = free.pop()
+        row_bytes = spec.nbytes // spec.shape[0] if spec.shape and spec.shape[0] else spec.nbytes
+        offset, size = (0, spec.nbytes) if rows is None else (rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes)
+        if len(self._staging) < size:
+            self._staging = bytearray(size)
+        view = memoryview(self._staging)[:size]
+        self.ckpt.read_into(name, view, offset)
+        out.copy_(torch.frombuffer(view, dtype=to_torch_dtype(spec.dtype)).view(shape))
+        return out
+
+    def recycle(self, dec: Decoder) -> None:
+        """Take back the tensors of a streamed layer (not a resident one) that the caller is done
+        with; ``dec`` is emptied, so a stale use fails loudly instead of reading refilled weights."""
+        if any(d is dec for d in self._resident.values()):
+            return
+        for t in dec.t.values():
+            self._pool[tuple(t.shape)].append(t)
+        dec.t = {}
 
     @property
     def n_layers(self) -> int:
@@ -81,7 +110,7 @@ class LayerwiseModel:
         """A decoder holding only layer ``i``; kept for later calls while ``resident_bytes`` allows."""
         if i in self._resident:
             return self._resident[i]
-        dec = self._decoder({n: self._load(n) for n in self.by_layer[i]})
+        dec = self._decoder({n: self._load(n, pooled=True) for n in self.by_layer[i]})
         size = sum(t.numel() * t.element_size() for t in dec.t.values())
         if self._resident_used + size <= self.resident_bytes:  # first come, never evicted: a cyclic
             self._resident[i] = dec  # walk over the layers gets its hits from the layers kept
@@ -89,10 +118,12 @@ class LayerwiseModel:
         return dec
 
     def release(self) -> None:
-        """Drop the resident layers (and the final norm)."""
+        """Drop the resident layers, the recycled tensors and the final norm."""
         self._resident.clear()
         self._resident_used = 0
         self._norm = None
+        self._pool.clear()
+        self._staging = bytearray()
 
     # -- embedding and head ---------------------------------------------------------------------
 
@@ -118,7 +149,11 @@ class LayerwiseModel:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         rows = rows or max(1, HEAD_CHUNK_BYTES // (self.geo.hidden * itemsize))
         for start in range(0, self.vocab, rows):
-            yield start, self._load(self.head_name, (start, min(start + rows, self.vocab)))
+            w = self._load(self.head_name, (start, min(start + rows, self.vocab)), pooled=True)
+            yield start, w
+            self._pool[tuple(w.shape)].append(w)  # the consumer asked for the next chunk: done with w
+        for shape in {(rows, self.geo.hidden), (self.vocab % rows, self.geo.hidden)}:
+            self._pool.pop(shape, None)  # keep the chunks only while this generator runs
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Logits ``[..., V]`` of hidden states ``h[..., D]`` (meant for few rows: decode steps)."""

@@ -89,7 +89,9 @@ def check_paths(model: LayerwiseModel, tokenizer, tol: float | None = None, seed
                     worst, where = e, f"layer {i}, {kind} inputs, {mode.replace('_s', ' s_q=')}"
         per_layer.append(row)
         h = dec.block(i, h, pos, KVCache("absorb"))
-        del dec, params, inputs  # layer i is gone before layer i + 1 is read
+        model.recycle(dec)  # layer i + 1 is read into its tensors
+        del dec, params, inputs
+    model.release()
     msg = (
         f"absorb vs gqa, {model.n_layers} layers, prefill + cached decode s_q=1,2; random inputs and "
         f"{len(ids)} {how}; worst at {where or 'layer 0'}"

@@ -145,7 +145,8 @@ class LayerwiseModel:
         return int(self.ckpt.spec(self.head_name).shape[0])
 
     def head_chunks(self, rows: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
-        """``(start, W[start : start + rows, D])`` over the head's vocabulary, one chunk in memory."""
+        """``(start, W[start : start + rows, D])`` over the head's vocabulary, one chunk in memory:
+        each chunk is valid only until the next is asked for (it is refilled in place)."""
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         rows = rows or max(1, HEAD_CHUNK_BYTES // (self.geo.hidden * itemsize))
         for start in range(0, self.vocab, rows):

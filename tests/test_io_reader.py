@@ -367,3 +367,19 @@ def test_resolve_network_failure_falls_back_to_cache(offline_hf: Path, monkeypat
     assert calls == [False, True]
     with pytest.raises(InputError, match=r"cannot download model 'acme/other' \(network is unreachable\)"):
         resolve_source("acme/other")
+
+
+def test_read_rows_are_slices_of_the_stored_tensor(tmp_path: Path) -> None:
+    ts = make_sharded(tmp_path / "ckpt")
+    with SafetensorsCheckpoint(tmp_path / "ckpt") as ck:
+        for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.k_proj.weight", "model.position_ids"):
+            ref = ts[name]
+            for start, stop in ((0, 1), (2, 3), (1, ref.shape[0]), (0, ref.shape[0]), (2, 2)):
+                got = ck.read_rows(name, start, stop)
+                assert got.dtype == ref.dtype and got.shape == ref[start:stop].shape
+                assert torch.equal(_bits(got), _bits(ref[start:stop].contiguous()))
+        for bad in ((-1, 2), (3, 2), (0, 17)):
+            with pytest.raises(ValueError):
+                ck.read_rows("model.embed_tokens.weight", *bad)
+        with pytest.raises(ValueError):
+            ck.read_rows("model.scalar", 0, 1)

@@ -391,3 +391,113 @@ def test_missing_folder_and_unavailable_cuda(tmp_path, lossy):
     if not torch.cuda.is_available():
         r = invoke(lossy[1], "--device", "cuda")
         assert r.exit_code == 2 and "CUDA" in _one_line_error(r)
+
+
+# -- bounded memory ---------------------------------------------------------------------------------
+
+
+class _LiveLoads:
+    """Hooks every tensor read of :class:`LayerwiseModel` (its one loader): tracks the bytes of layer
+    tensors still alive (a weakref finalizer per tensor) and the row count of every other read."""
+
+    def __init__(self, monkeypatch):
+        import weakref
+
+        from transgqla.verify.layerwise import LayerwiseModel
+
+        self.live: dict[int, int] = {}
+        self.peak = 0
+        self.other_rows: list[tuple[str, int]] = []
+        self.layer_loads = 0
+        orig = LayerwiseModel._load
+
+        def load(model, name, rows=None, pooled=False):
+            t = orig(model, name, rows, pooled)
+            if name.startswith("model.layers."):
+                self.layer_loads += 1
+                if id(t) not in self.live:  # a recycled tensor refilled in place counts once
+                    self.live[id(t)] = t.numel() * t.element_size()
+                    weakref.finalize(t, self.live.pop, id(t))
+                self.peak = max(self.peak, sum(self.live.values()))
+            else:
+                self.other_rows.append((name, t.shape[0]))
+            return t
+
+        monkeypatch.setattr(LayerwiseModel, "_load", load)
+
+
+def _largest_layer_bytes(*folders: Path, itemsize: int = 4) -> int:
+    """The largest single layer of these checkpoints, in compute-dtype bytes."""
+    from transgqla.io import SafetensorsCheckpoint
+
+    largest = 0
+    for folder in folders:
+        with SafetensorsCheckpoint(folder) as ck:
+            per: dict[str, int] = {}
+            for n in ck.names:
+                if n.startswith("model.layers."):
+                    layer = n.split(".")[2]
+                    per[layer] = per.get(layer, 0) + math.prod(ck.spec(n).shape) * itemsize
+            largest = max(largest, *per.values())
+    return largest
+
+
+def test_every_section_holds_at_most_one_layer(lossy, monkeypatch):
+    """structure, paths, fidelity (source and GQLA) and decode read the weights layer by layer: at no
+    time are two layers' tensors alive, the embedding is read by rows and the heads in chunks."""
+    import transgqla.verify.decode as decode
+    import transgqla.verify.layerwise as layerwise
+    import transgqla.verify.token_stats as token_stats
+
+    src, out = lossy
+    monkeypatch.setattr(decode, "RESIDENT_BYTES", 0)  # no layer kept across decode steps
+    monkeypatch.setattr(layerwise, "HEAD_CHUNK_BYTES", 16 * 64 * 4)  # 16 vocabulary rows of D = 64, float32
+    monkeypatch.setattr(token_stats, "STATS_BYTES", 1)  # the smallest chunk: 64 vocabulary rows
+    loads = _LiveLoads(monkeypatch)
+    report = run_verify(out, source=str(src), **FAST)
+    assert report.ok and report.get("decode.tokens").value == FAST["tokens"]
+    one_layer = _largest_layer_bytes(out, src)
+    assert 0.5 * one_layer < loads.peak <= one_layer, (loads.peak, one_layer)
+    vocab_reads = [rows for name, rows in loads.other_rows if name in ("lm_head.weight", "model.embed_tokens.weight")]
+    assert vocab_reads and max(vocab_reads) <= 64 < 101  # never the whole [V, D] matrix (V = 101)
+
+
+def test_decode_reads_a_small_model_once_and_streams_a_large_one(lossy, monkeypatch):
+    """Within the resident budget every layer tensor is read once for all steps; with no budget each
+    step reads every layer again, holding one at a time; the tokens are the same."""
+    import transgqla.verify.decode as decode
+    from transgqla.io import SafetensorsCheckpoint
+
+    _, out = lossy
+    with SafetensorsCheckpoint(out) as ck:
+        n_layer_tensors = sum(n.startswith("model.layers.") for n in ck.names)
+    kept = _LiveLoads(monkeypatch)
+    resident = run_verify(out, checks=["decode"], **FAST)
+    assert kept.layer_loads == n_layer_tensors
+    monkeypatch.setattr(decode, "RESIDENT_BYTES", 0)
+    streamed = _LiveLoads(monkeypatch)
+    again = run_verify(out, checks=["decode"], **FAST)
+    assert again.get("decode.tokens").details["tokens"] == resident.get("decode.tokens").details["tokens"]
+    assert streamed.layer_loads > FAST["tokens"] * n_layer_tensors
+    assert streamed.peak <= _largest_layer_bytes(out) < kept.peak
+
+
+def test_text_perplexity_equals_eval_ppl(lossy, tmp_path):
+    """``verify --text`` and ``eval-ppl`` read, tokenize and window a file the same way: the source's
+    and the checkpoint's perplexities agree with eval-ppl's (a short tail is dropped by both)."""
+    import shutil
+
+    from transgqla.evaluate import perplexity
+
+    src, out = lossy
+    write_char_tokenizer(out)
+    shutil.copy(out / "tokenizer.json", src / "tokenizer.json")
+    text = tmp_path / "eval.txt"
+    text.write_text("A quiet harbour at dawn: gulls, ropes, and the slow creak of boats. " * 5)  # 345 chars
+    ppl = run_verify(out, text=text, checks=["fidelity"], **FAST).get("fidelity.perplexity").details
+    path = json.loads((out / "config.json").read_text())["gqla"]["decode_path"]
+    want_gqla = perplexity(str(out), [str(text)], seqlen=FAST["seqlen"], path=path)
+    want_src = perplexity(str(src), [str(text)], seqlen=FAST["seqlen"])
+    assert want_gqla.windows == 345 // FAST["seqlen"]
+    assert ppl["ppl_gqla"] == pytest.approx(want_gqla.perplexity, rel=1e-5)
+    assert ppl["ppl_source"] == pytest.approx(want_src.perplexity, rel=1e-5)

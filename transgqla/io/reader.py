@@ -296,6 +296,31 @@ class SafetensorsCheckpoint:
         self._read_into(name, buf)
         return torch.frombuffer(buf, dtype=dtype).reshape(spec.shape)
 
+    def read_into(self, name: str, buf: bytearray | memoryview, offset: int = 0) -> None:
+        """Fill ``buf`` with the tensor's raw bytes from ``offset`` bytes into its data (a caller that
+        reads the same shapes over and over reuses one buffer instead of fresh pages every time)."""
+        nbytes = self._entry(name)[1].spec.nbytes
+        if offset < 0 or offset + memoryview(buf).nbytes > nbytes:
+            raise ValueError(f"bytes [{offset}, {offset + memoryview(buf).nbytes}) are outside {name!r} ({nbytes} bytes)")
+        self._read_into(name, buf, offset)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of the tensor along its first dim (stored dtype, owns its memory):
+        an embedding lookup or a vocabulary chunk of a head without reading the whole matrix."""
+        spec = self._entry(name)[1].spec
+        if not spec.shape or not 0 <= start <= stop <= spec.shape[0]:
+            raise ValueError(f"rows [{start}, {stop}) are outside {name!r} of shape {list(spec.shape)}")
+        dtype = to_torch_dtype(spec.dtype)
+        shape = (stop - start, *spec.shape[1:])
+        row = spec.nbytes // spec.shape[0]
+        if row * (stop - start) == 0:
+            return torch.empty(shape, dtype=dtype)
+        if sys.byteorder != "little" and spec.dtype not in ("BOOL", "U8", "I8"):
+            raise InputError("transgqla needs a little-endian machine to read multi-byte tensors")
+        buf = bytearray(row * (stop - start))
+        self._read_into(name, buf, row * start)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
     def close(self) -> None:
         with self._handles_lock:
             handles, self._handles = self._handles, set()

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..mathx.decode_kernels import absorb_attention, gqa_attention
 from ..mathx.rope import cos_sin, interleaved_layout
 from .geometry import GQLAGeometry
 
@@ -87,35 +88,36 @@ def _up_blocks(p, geo: GQLAGeometry):
 
 
 def attention(x, p, geo: GQLAGeometry, positions, cache: KVCache, layer: int, path: str) -> torch.Tensor:
-    """GQLA attention of ``x[B,T,D]`` at absolute ``positions[T]`` on ``path``; extends ``cache``."""
+    """GQLA attention of ``x[B,T,D]`` at absolute ``positions[T]`` on ``path``; extends ``cache``.
+
+    Both paths attend through :mod:`~transgqla.mathx.decode_kernels` (heads folded into query rows),
+    so neither materializes a per-head copy of its cache and per-path timings compare the paths.
+    """
     b, t, _ = x.shape
     q_nope, q_rope, c, k_rope = _project(x, p, geo, positions)
     w_uk, w_uv, b_uk, b_uv = _up_blocks(p, geo)
-    m = geo.heads_per_group
+    n_g, m = geo.n_groups, geo.heads_per_group
     if path == "absorb":
         c_all, kr_all = cache.extend(layer, c, k_rope)
         mask = causal_mask(positions, c_all.shape[1], geo.sliding_window)
-        q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk.repeat_interleave(m, dim=0))
+        # q~_h = W_UK_g(h)^T q_nope_h, heads viewed as [n_g, m] (no per-head copy of W_UK).
+        q_lat = torch.einsum("bgmtn,gnr->bgmtr", q_nope.view(b, n_g, m, t, geo.d_nope), w_uk)
         # A nope-key bias adds q_nope . b to every score of a query: softmax-invariant, so it is skipped.
-        scores = q_lat @ c_all.transpose(1, 2)[:, None] + q_rope @ kr_all.transpose(1, 2)[:, None]
-        probs = _softmax(scores * geo.softmax_scale, mask)
-        o_lat = probs @ c_all[:, None]  # [B, n_h, T, r]
-        out = torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv.repeat_interleave(m, dim=0))
+        o_lat = absorb_attention(q_lat.reshape(b, geo.n_heads, t, geo.rank), q_rope, c_all, kr_all, mask, geo.softmax_scale)
+        out = torch.einsum("bgmtr,gvr->bgmtv", o_lat.view(b, n_g, m, t, geo.rank), w_uv)
         if b_uv is not None:
-            out = out + b_uv.repeat_interleave(m, dim=0)[None, :, None, :]
+            out = out + b_uv[None, :, None, None, :]
+        out = out.reshape(b, geo.n_heads, t, geo.d_v)
     elif path == "gqa":
         k_nope = torch.einsum("btr,gnr->bgtn", c, w_uk)
         v = torch.einsum("btr,gvr->bgtv", c, w_uv)
         if b_uk is not None:
             k_nope = k_nope + b_uk[None, :, None, :]
             v = v + b_uv[None, :, None, :]
-        k = torch.cat((k_nope, k_rope[:, None].expand(b, geo.n_groups, t, geo.d_rope)), dim=-1)
+        k = torch.cat((k_nope, k_rope[:, None].expand(b, n_g, t, geo.d_rope)), dim=-1)
         k_all, v_all = cache.extend(layer, k, v)
         mask = causal_mask(positions, k_all.shape[2], geo.sliding_window)
-        q = torch.cat((q_nope, q_rope), dim=-1)
-        scores = q @ k_all.repeat_interleave(m, dim=1).transpose(2, 3)
-        probs = _softmax(scores * geo.softmax_scale, mask)
-        out = probs @ v_all.repeat_interleave(m, dim=1)
+        out = gqa_attention(torch.cat((q_nope, q_rope), dim=-1), k_all, v_all, mask, geo.softmax_scale)
     else:
         raise ValueError(f"unknown decode path {path!r}; choose from {PATHS}")
     out = out.transpose(1, 2).reshape(b, t, geo.n_heads * geo.d_v)

@@ -9,8 +9,10 @@ Sections (each a few :class:`Check` s in the :class:`VerifyReport`):
   attention error, KL(source || gqla), top-1 agreement, perplexities. Reported; bounded only on request.
 * ``decode`` -- greedy tokens identical on both paths; KV-cache bytes actually held vs the formulas.
 
-The model sections run only when the structure holds well enough to load the weights; they read the
-checkpoint layer by layer (the decode section alone holds the whole model, as decoding needs it).
+The model sections run only when the structure holds well enough to load the weights. None of them
+loads a model: every section reads the checkpoint layer by layer (:mod:`.layerwise`: one layer's
+tensors, embedding rows and head chunks at a time; greedy decoding streams the layers at every step
+unless the model is small), so memory does not grow with depth (about 1.6 GB at Llama-3-8B geometry).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from ..errors import InputError
 from ..model.decoder import GQLADecoder
 from .decode import check_decode
 from .fidelity import FIXED_SEQLEN, FIXED_WINDOWS, FidelityBounds, find_source, fidelity_checks, measure, no_source_checks, open_source
-from .inputs import LayerwiseModel, builtin_eval_text, encode, fixed_ids, load_tokenizer, read_text, resolve_device, resolve_dtype, windows
+from .inputs import builtin_eval_text, encode, fixed_ids, load_tokenizer, read_text, resolve_device, resolve_dtype, text_windows, windows
+from .layerwise import LayerwiseModel
 from .paths import check_paths
 from .report import SECTIONS, Check, VerifyReport, skipped
 from .structure import check_structure
@@ -49,8 +52,7 @@ def _sections(checks: Iterable[str] | None) -> list[str]:
 def _fidelity_text(tokenizer, text: Path | None, seqlen: int, vocab: int):
     """(windows, description, real text?) for the fidelity section."""
     if text is not None:
-        ids = encode(tokenizer, read_text(text), vocab)
-        wins, how, real = windows(ids, seqlen), f"{text}", True
+        wins, how, real = text_windows(tokenizer, read_text(text), seqlen, vocab), f"{text}", True
     elif tokenizer is not None:
         body, how = builtin_eval_text()
         wins, real = windows(encode(tokenizer, body, vocab), seqlen, BUILTIN_WINDOWS), True
@@ -119,10 +121,8 @@ def run_verify(
         if "fidelity" in wanted:
             _fidelity(report, model, cfg, source, tokenizer, text, seqlen, bounds, dt, dev)
         if "decode" in wanted:
-            dec = model.full()
-            for c in check_decode(dec, tokenizer, tokens):
+            for c in check_decode(model, tokenizer, tokens):
                 report.add(c)
-            del dec
         return report
     finally:
         if st.checkpoint is not None:

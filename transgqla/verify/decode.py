@@ -1,5 +1,12 @@
 """Reference decoding: greedy generation on both paths must give identical tokens; the KV cache each
 path actually holds is measured from its cache tensors and set against the formulas.
+
+Both paths decode together, layer by layer at every step: layer ``i`` is read once per step and
+applied to each path's hidden state and cache, then the head (in vocabulary chunks) picks each path's
+next token. Memory holds one layer (the whole model only while it fits ``RESIDENT_BYTES``, so a small
+model is read once), both caches and the head's chunk. Each path's tokens/s counts the time spent
+in its own blocks (both attend through :mod:`~transgqla.mathx.decode_kernels`, which read the cache
+without per-head copies); reading the weights and the shared head are not charged to either path.
 """
 
 from __future__ import annotations
@@ -10,11 +17,12 @@ from typing import Any
 import torch
 
 from ..model.attention import PATHS, KVCache
-from ..model.decoder import Decoder
 from .inputs import PROMPT, encode, fixed_ids
+from .layerwise import LayerwiseModel
 from .report import Check
 
 FIXED_PROMPT = 8  # fixed ids when there is no tokenizer
+RESIDENT_BYTES = 512 << 20  # layers kept in memory across steps, in compute-dtype bytes
 
 
 def _sync(device: torch.device) -> None:
@@ -23,21 +31,43 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def greedy(dec: Decoder, ids: torch.Tensor, n: int, path: str) -> tuple[list[int], KVCache, float]:
-    """``n`` greedy tokens after ``ids[1, T]`` on ``path``: (tokens, the cache, seconds)."""
-    _sync(dec.device)
-    start = time.perf_counter()
-    cache = dec.new_cache(path)
-    logits = dec.forward(ids, cache)
-    out: list[torch.Tensor] = []
+def greedy(model: LayerwiseModel, ids: torch.Tensor, n: int) -> dict[str, tuple[list[int], KVCache, float]]:
+    """``n`` greedy tokens after ``ids[1, T]`` on every path: ``{path: (tokens, cache, seconds)}``."""
+    caches = {p: KVCache(p) for p in PATHS}
+    seconds = dict.fromkeys(PATHS, 0.0)
+    tokens: dict[str, list[int]] = {p: [] for p in PATHS}
+    step_ids = dict.fromkeys(PATHS, ids)
+    start = 0
     for step in range(n):
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
-        out.append(nxt)
-        if step + 1 < n:
-            logits = dec.forward(nxt, cache)
-    _sync(dec.device)
-    seconds = time.perf_counter() - start
-    return torch.cat(out, 1)[0].tolist() if out else [], cache, seconds
+        t = ids.shape[1] if step == 0 else 1
+        pos = model.positions(t, start)
+        h = {p: model.embed(step_ids[p]) for p in PATHS}
+        for i in range(model.n_layers):
+            dec = model.layer(i)
+            for p in PATHS:
+                _sync(model.device)
+                began = time.perf_counter()
+                h[p] = dec.block(i, h[p], pos, caches[p])
+                _sync(model.device)
+                seconds[p] += time.perf_counter() - began
+            model.recycle(dec)  # layer i + 1 is read into these tensors
+        logits = model.logits(torch.cat([h[p][:, -1] for p in PATHS]))  # [paths, V]: one head pass
+        for row, p in enumerate(PATHS):
+            nxt = int(logits[row].argmax())
+            tokens[p].append(nxt)
+            step_ids[p] = torch.tensor([[nxt]], device=model.device)
+        start += t
+    return {p: (tokens[p], caches[p], seconds[p]) for p in PATHS}
+
+
+def _warm_up(model: LayerwiseModel, ids: torch.Tensor) -> None:
+    """First-call allocations and kernel selection of both paths, on layer 0 only."""
+    dec = model.layer(0)
+    h = model.embed(ids)
+    for p in PATHS:
+        cache = KVCache(p)
+        dec.block(0, dec.block(0, h, model.positions(ids.shape[1]), cache)[:, -1:], model.positions(1, ids.shape[1]), cache)
+    model.recycle(dec)
 
 
 def source_values_per_token(cfg: dict[str, Any]) -> int:
@@ -46,33 +76,37 @@ def source_values_per_token(cfg: dict[str, Any]) -> int:
     return 2 * int(cfg["num_key_value_heads"]) * int(d)
 
 
-def check_decode(dec: Decoder, tokenizer, n_tokens: int) -> list[Check]:
-    cfg, geo = dec.config, dec.geo
+@torch.no_grad()
+def check_decode(model: LayerwiseModel, tokenizer, n_tokens: int) -> list[Check]:
+    cfg, geo = model.config, model.geo
     vocab = int(cfg["vocab_size"])
     if tokenizer is not None:
         prompt, how = encode(tokenizer, PROMPT, vocab), "tokenized prompt"
     else:
         prompt, how = fixed_ids(FIXED_PROMPT, vocab), "fixed prompt (no tokenizer)"
-    ids = torch.tensor(prompt, device=dec.device)[None]
-    runs: dict[str, tuple[list[int], KVCache, float]] = {}
-    for path in PATHS:
-        greedy(dec, ids, 1, path)  # warm-up: first-call allocations and kernel selection
-        runs[path] = greedy(dec, ids, n_tokens, path)
+    ids = torch.tensor(prompt, device=model.device)[None]
+    model.resident_bytes = RESIDENT_BYTES
+    try:
+        _warm_up(model, ids)
+        runs = greedy(model, ids, n_tokens)
+    finally:
+        model.resident_bytes = 0
+        model.release()
     toks = {p: runs[p][0] for p in PATHS}
     same = next((i for i, (a, g) in enumerate(zip(toks["absorb"], toks["gqa"])) if a != g), n_tokens)
     speed = {p: (n_tokens / runs[p][2] if runs[p][2] > 0 else float("inf")) for p in PATHS}
-    where = f"{dec.device.type}, {str(dec.dtype).removeprefix('torch.')}"
-    rate = ", ".join(f"{p} {speed[p]:.1f} tok/s" for p in PATHS)
+    where = f"{model.device.type}, {str(model.dtype).removeprefix('torch.')}"
+    rate = ", ".join(f"{p} {speed[p]:.1f} tok/s" for p in PATHS) + " (time in each path's blocks)"
     if same == n_tokens:
         msg = f"{n_tokens} greedy tokens identical on both paths ({how}, {len(prompt)} tokens); {rate} ({where})"
     else:
         msg = f"paths diverge at generated token {same} of {n_tokens} ({how}); {rate} ({where})"
     tokens = Check(
         "decode.tokens", same == n_tokens, same, n_tokens, msg, ">=",
-        {"prompt": prompt, "tokens": toks, "tokens_per_second": speed, "device": str(dec.device)},
+        {"prompt": prompt, "tokens": toks, "tokens_per_second": speed, "device": str(model.device)},
     )
 
-    item = torch.empty((), dtype=dec.dtype).element_size()
+    item = torch.empty((), dtype=model.dtype).element_size()
     per_layer = {p: [runs[p][1].bytes_per_token(l) for l in range(geo.n_layers)] for p in PATHS}
     absorb_formula = (geo.rank + geo.d_rope) * item
     gqa_formula = geo.cache_values_per_token("gqa") * item

@@ -1,6 +1,8 @@
 """Fidelity to the source: how far the (lossy) conversion moved the model.
 
-Both models run block by block over the same token windows. At every layer the source's attention
+Both models run block by block over the same token windows, one layer of one model in memory at a
+time (:mod:`.layerwise`), the next-token statistics reduced a vocabulary chunk at a time
+(:mod:`.token_stats`). At every layer the source's attention
 and the GQLA attention see the same input (the source's own hidden state there), which isolates
 each layer's conversion error; the logits of the two full models give KL(source || gqla), top-1
 agreement and both perplexities. These are figures, not pass/fail: a bound applies only when one is
@@ -23,7 +25,9 @@ from ..source_checkpoint import resolve
 from ..model.attention import KVCache, attention
 from ..model.decoder import SourceDecoder
 from ..model.source_attention import gqa_attention
-from .inputs import LayerwiseModel, batches
+from .inputs import batches, groups
+from .layerwise import LayerwiseModel
+from .token_stats import TokenStats, token_stats
 from .report import Check, bounded, skipped
 
 FIXED_WINDOWS = 4  # windows of fixed ids when there is no tokenizer
@@ -110,48 +114,60 @@ def open_source(ref: SourceRef, cfg: dict[str, Any], dtype: torch.dtype, device:
 
 @torch.no_grad()
 def measure(src: LayerwiseModel, gq: LayerwiseModel, wins: list[torch.Tensor], path: str = "absorb") -> dict[str, Any]:
-    """Per-layer attention errors and logit statistics of the two models on ``wins``."""
-    bs = [b.to(src.device) for b in batches(wins)]
+    """Per-layer attention errors and logit statistics of the two models on ``wins``.
+
+    Memory: one layer of one model at a time (the source's layer ``i``, then the GQLA layer ``i``),
+    the hidden states of one group of windows (:data:`~.inputs.GROUP_TOKENS`), and vocabulary chunks
+    of the heads (:mod:`.token_stats`); the models are streamed once per group.
+    """
+    if src.vocab != gq.vocab:
+        raise InputError(f"the source's head has {src.vocab} rows, the checkpoint's {gq.vocab}")
+    num = [0.0] * src.n_layers
+    den = [0.0] * src.n_layers
+    total = TokenStats()
+    for group in groups(wins):
+        stats = _measure_group(src, gq, [b.to(src.device) for b in batches(group)], path, num, den)
+        for key in vars(total):
+            setattr(total, key, getattr(total, key) + getattr(stats, key))
+    return {
+        "layer_errors": [math.sqrt(n / d) if d > 0 else float("nan") for n, d in zip(num, den)],
+        "kl": total.kl / total.positions,
+        "top1": total.agree / total.positions,
+        "ppl_source": math.exp(total.nll_source / total.scored),
+        "ppl_gqla": math.exp(total.nll_gqla / total.scored),
+        "positions": total.positions,
+        "windows": len(wins),
+    }
+
+
+def _measure_group(src: LayerwiseModel, gq: LayerwiseModel, bs: list[torch.Tensor], path: str, num: list[float], den: list[float]) -> TokenStats:
+    """One group of ``[B, T]`` batches through both models, adding layer ``i``'s squared attention
+    error and norm to ``num[i]`` / ``den[i]``; returns the group's token statistics."""
     hs = [src.embed(b) for b in bs]
     hg = [gq.embed(b) for b in bs]
-    layer_errors: list[float] = []
     for i in range(src.n_layers):
-        ds, dg = src.layer(i), gq.layer(i)
-        ps, pg = ds.layer(i, "self_attn."), dg.layer(i, "self_attn.")
-        num = den = 0.0
+        ds = src.layer(i)
+        ps = ds.layer(i, "self_attn.")
+        xs, a_s = [], []
         for k, b in enumerate(bs):
-            pos = src.positions(b.shape[1])
-            x = ds.attention_input(i, hs[k])
-            a_s = gqa_attention(x, ps, ds.geo, pos, KVCache("source"), i)
-            a_g = attention(x, pg, dg.geo, pos, KVCache(path), i, path)
-            num += float((a_g.double() - a_s.double()).pow(2).sum())
-            den += float(a_s.double().pow(2).sum())
-            hs[k] = ds.block(i, hs[k], pos, KVCache("source"))
+            xs.append(ds.attention_input(i, hs[k]))
+            a_s.append(gqa_attention(xs[k], ps, ds.geo, src.positions(b.shape[1]), KVCache("source"), i))
+            hs[k] = ds.mlp_residual(i, hs[k] + a_s[k])  # = ds.block(i, hs[k], ...)
+        del ds, ps
+        dg = gq.layer(i)
+        pg = dg.layer(i, "self_attn.")
+        for k, b in enumerate(bs):
+            pos = gq.positions(b.shape[1])
+            a_g = attention(xs[k], pg, dg.geo, pos, KVCache(path), i, path)
+            num[i] += float((a_g.double() - a_s[k].double()).pow(2).sum())
+            den[i] += float(a_s[k].double().pow(2).sum())
             hg[k] = dg.block(i, hg[k], pos, KVCache(path))
-        layer_errors.append(math.sqrt(num / den) if den > 0 else float("nan"))
-        del ds, dg, ps, pg
-    kl = agree = nll_s = nll_g = 0.0
-    positions = scored = 0
-    for k, b in enumerate(bs):
-        for row in range(b.shape[0]):  # one window at a time: [T, V] logits stay small
-            ls = torch.log_softmax(src.logits(hs[k][row]).float(), -1)
-            lg = torch.log_softmax(gq.logits(hg[k][row]).float(), -1)
-            kl += float((ls.exp() * (ls - lg)).sum(-1).double().sum())
-            agree += float((ls.argmax(-1) == lg.argmax(-1)).sum())
-            positions += ls.shape[0]
-            target = b[row, 1:, None]
-            nll_s -= float(ls[:-1].gather(-1, target).double().sum())
-            nll_g -= float(lg[:-1].gather(-1, target).double().sum())
-            scored += target.shape[0]
-    return {
-        "layer_errors": layer_errors,
-        "kl": kl / positions,
-        "top1": agree / positions,
-        "ppl_source": math.exp(nll_s / scored),
-        "ppl_gqla": math.exp(nll_g / scored),
-        "positions": positions,
-        "windows": sum(b.shape[0] for b in bs),
-    }
+        del dg, pg, xs, a_s
+    x_s = torch.cat([src.final_norm(h).reshape(-1, h.shape[-1]) for h in hs])
+    x_g = torch.cat([gq.final_norm(h).reshape(-1, h.shape[-1]) for h in hg])
+    # next-token targets, row-major like the hidden states; a window's last position has none
+    targets = torch.cat([torch.cat((b[:, 1:], torch.full_like(b[:, :1], -1)), dim=1).reshape(-1) for b in bs])
+    return token_stats(src, gq, x_s, x_g, targets)
 
 
 def fidelity_checks(m: dict[str, Any], bounds: FidelityBounds, text_how: str, real_text: bool, source_how: str, notes: list[str]) -> list[Check]:

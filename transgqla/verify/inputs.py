@@ -1,18 +1,16 @@
-"""Inputs the model checks share: device and dtype, tokenizer, prompt and text, windows, and a
-checkpoint read layer by layer (one layer's tensors resident at a time, plus embeddings and head).
+"""Inputs the model checks share: device and dtype, tokenizer, prompt and text, windows and groups
+of windows (the checkpoint itself is read by :mod:`.layerwise`).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from ..errors import InputError, TransGQLAError, UnsupportedError
-from ..io import SafetensorsCheckpoint
-from ..model.decoder import Decoder, rms_norm
+from ..calib.text import read_text as read_sources
+from ..calib.text import token_windows
+from ..errors import InputError, TransGQLAError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -28,7 +26,12 @@ FALLBACK_TEXT = (
     "people passed through on their way to somewhere else. Today the mill is a museum, the warehouses hold "
     "offices and flats, and on summer evenings the square is as crowded as it was on market days long ago."
 )
-BUILTIN_TEXT_CHARS = 12_000  # enough for two 512-token windows with a Llama-style tokenizer
+BUILTIN_TEXT_CHARS = 12_000
+#: Tokens per forward batch: bounds the activations (the MLP's [tokens, intermediate] products are the
+#: largest: 1024 x 14336 float32 = 59 MB each at Llama-3-8B).
+BATCH_TOKENS = 1024
+#: Tokens whose hidden states are held at once: the model is streamed once per group of windows.
+GROUP_TOKENS = 8192  # enough for two 512-token windows with a Llama-style tokenizer
 
 
 def resolve_device(device: str) -> torch.device:
@@ -59,7 +62,8 @@ def load_tokenizer(folder: Path):
 
 
 def encode(tokenizer, text: str, vocab: int) -> list[int]:
-    ids = tokenizer.encode(text).ids
+    """Token ids of ``text`` without special tokens (as calibration and ``eval-ppl`` tokenize)."""
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
     if any(i >= vocab or i < 0 for i in ids):
         raise InputError(f"the tokenizer produced ids outside the model's vocabulary of {vocab}")
     return ids
@@ -85,20 +89,18 @@ def builtin_eval_text() -> tuple[str, str]:
 
 
 def read_text(path: Path) -> str:
-    """A text file, or ``builtin:NAME`` (the offline texts of :mod:`transgqla.texts`) as for calibration."""
-    if str(path).startswith("builtin:"):
-        from ..calib.text import read_text as read_sources
-
-        return read_sources([str(path)])
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"--text {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"--text {path} cannot be read as UTF-8 text: {exc}".splitlines()[0]) from None
-    if not text.strip():
-        raise InputError(f"--text {path} is empty")
-    return text
+    """A text file (JSONL: its ``text`` fields), or ``builtin:NAME`` (the offline texts of
+    :mod:`transgqla.texts`), read as calibration and ``eval-ppl`` read it; a bad file is a one-line error."""
+    if not str(path).startswith("builtin:"):
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise InputError(f"--text {path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"--text {path} cannot be read as UTF-8 text: {exc}".splitlines()[0]) from None
+        if not text.strip():
+            raise InputError(f"--text {path} is empty")
+    return read_sources([str(path)])
 
 
 def windows(ids: list[int], seqlen: int, max_windows: int | None = None) -> list[torch.Tensor]:
@@ -110,7 +112,17 @@ def windows(ids: list[int], seqlen: int, max_windows: int | None = None) -> list
     return out[:max_windows] if max_windows else out
 
 
-def batches(wins: list[torch.Tensor], max_tokens: int = 4096) -> list[torch.Tensor]:
+def text_windows(tokenizer, text: str, seqlen: int, vocab: int) -> list[torch.Tensor]:
+    """``--text`` windows exactly as ``eval-ppl`` makes them (:func:`~transgqla.calib.text.token_windows`:
+    no special tokens, non-overlapping ``seqlen`` windows, a short tail dropped), so that both commands
+    report the same perplexity for the same file."""
+    wins = token_windows(text, tokenizer, seqlen)
+    if int(wins.max()) >= vocab or int(wins.min()) < 0:
+        raise InputError(f"the tokenizer produced ids outside the model's vocabulary of {vocab}")
+    return list(wins)
+
+
+def batches(wins: list[torch.Tensor], max_tokens: int = BATCH_TOKENS) -> list[torch.Tensor]:
     """Consecutive windows of equal length stacked into ``[B, T]`` batches of at most ``max_tokens``."""
     out: list[torch.Tensor] = []
     group: list[torch.Tensor] = []
@@ -124,56 +136,14 @@ def batches(wins: list[torch.Tensor], max_tokens: int = 4096) -> list[torch.Tens
     return out
 
 
-class LayerwiseModel:
-    """A checkpoint run block by block: ``layer(i)`` is a decoder holding only layer ``i``'s tensors.
-
-    Memory holds one layer (plus the embedding and head once asked for), so a model of any depth
-    can be checked; ``full()`` loads everything, for the cached decoding loop.
-    """
-
-    def __init__(self, ckpt: SafetensorsCheckpoint, config: dict[str, Any], decoder_cls: type[Decoder], dtype: torch.dtype, device: torch.device):
-        self.ckpt, self.config, self.cls = ckpt, config, decoder_cls
-        self.dtype, self.device = dtype, device
-        self.shell = self._decoder({})
-        self.geo = self.shell.geo
-        self.by_layer: dict[int, list[str]] = defaultdict(list)
-        for name in ckpt.names:
-            parts = name.split(".")
-            if len(parts) > 3 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
-                self.by_layer[int(parts[2])].append(name)
-        self._embed: torch.Tensor | None = None
-        self._head: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def _decoder(self, tensors: dict[str, torch.Tensor]) -> Decoder:
-        try:
-            return self.cls(self.config, tensors, dtype=self.dtype, device=self.device)
-        except ValueError as exc:  # e.g. an activation the reference decoder does not implement
-            raise UnsupportedError(f"{self.ckpt.folder}: {exc}") from None
-
-    def _load(self, name: str) -> torch.Tensor:
-        return self.ckpt.read(name).to(device=self.device, dtype=self.dtype)
-
-    @property
-    def n_layers(self) -> int:
-        return self.geo.n_layers
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        if self._embed is None:
-            self._embed = self._load("model.embed_tokens.weight")
-        return self._embed[ids.to(self.device)]
-
-    def layer(self, i: int) -> Decoder:
-        return self._decoder({n: self._load(n) for n in self.by_layer[i]})
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        if self._head is None:
-            head = "lm_head.weight" if "lm_head.weight" in self.ckpt else "model.embed_tokens.weight"
-            self._head = (self._load("model.norm.weight"), self._load(head))
-        norm, head = self._head
-        return torch.nn.functional.linear(rms_norm(h, norm, self.geo.eps), head)
-
-    def full(self) -> Decoder:
-        return self._decoder({n: self._load(n) for n in self.ckpt.names})
-
-    def positions(self, t: int) -> torch.Tensor:
-        return torch.arange(t, device=self.device)
+def groups(wins: list[torch.Tensor], max_tokens: int = GROUP_TOKENS) -> list[list[torch.Tensor]]:
+    """Consecutive windows in groups of at most ``max_tokens`` tokens (a longer window is alone)."""
+    out: list[list[torch.Tensor]] = []
+    size = 0
+    for w in wins:
+        if not out or size + w.numel() > max_tokens:
+            out.append([])
+            size = 0
+        out[-1].append(w)
+        size += w.numel()
+    return out

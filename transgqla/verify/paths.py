@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from ..model.attention import PATHS, KVCache, attention
-from .inputs import PROMPT, LayerwiseModel, encode, fixed_ids
+from .inputs import PROMPT, encode, fixed_ids
+from .layerwise import LayerwiseModel
 from .report import Check, bounded
 
 # The same bound in float64: the reference attention takes its softmax (and RMSNorm) in float32,
@@ -88,6 +89,9 @@ def check_paths(model: LayerwiseModel, tokenizer, tol: float | None = None, seed
                     worst, where = e, f"layer {i}, {kind} inputs, {mode.replace('_s', ' s_q=')}"
         per_layer.append(row)
         h = dec.block(i, h, pos, KVCache("absorb"))
+        model.recycle(dec)  # layer i + 1 is read into its tensors
+        del dec, params, inputs
+    model.release()
     msg = (
         f"absorb vs gqa, {model.n_layers} layers, prefill + cached decode s_q=1,2; random inputs and "
         f"{len(ids)} {how}; worst at {where or 'layer 0'}"

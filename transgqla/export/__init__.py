@@ -7,7 +7,10 @@ Forms (``--path`` / ``--format`` / ``--fold-kv``):
 * ``gqa --fold-kv``: per-group ``k_proj``/``v_proj`` for ordinary GQA kernels (RoPE on the last ``d_R``
   dims, interleaved). See :mod:`.gqla_paths`.
 * ``absorb``, format ``deepseek``: a stock DeepSeek-V3 checkpoint, ``AutoModelForCausalLM.from_pretrained(DST)``
-  without remote code. See :mod:`.deepseek`.
+  without remote code; ``--target engines`` (default: vLLM, SGLang, transformers) or ``transformers``
+  (exact constant-coordinate form). See :mod:`.deepseek`.
+* ``gqa``, format ``mimo``: a stock MiMo-V2-Flash checkpoint carrying the GQA path (transformers, vLLM,
+  SGLang, no remote code). See :mod:`.mimo`.
 
 Every export is written into a staging folder and checked against the GQLA reference decoder on OUT
 (:mod:`.check`); DST appears only when the check passes. A failed check leaves DST untouched and the
@@ -27,11 +30,12 @@ import torch
 from ..errors import InputError, VerificationError
 from ..io import StagedOutput, ensure_free_space
 from ..model.decoder import GQLADecoder
-from .check import CheckResult, FoldedGQADecoder, decoder_candidate, deepseek_candidate, run_check, tokens_must_match, tolerance_for
+from .check import CheckResult, FoldedGQADecoder, decoder_candidate, deepseek_candidate, mimo_candidate, run_check, tokens_must_match, tolerance_for
 from .source import GQLACheckpoint, open_gqla
 
 PATHS = ("absorb", "gqa")
-FORMATS = ("gqla", "deepseek")
+FORMATS = ("gqla", "deepseek", "mimo")
+TARGETS = ("engines", "transformers")
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 
 __all__ = ["ExportRequest", "ExportResult", "run_export", "export", "PATHS", "FORMATS"]
@@ -44,6 +48,7 @@ class ExportRequest:
     path: str = "absorb"
     format: str = "gqla"
     fold_kv: bool = False
+    target: str = "engines"  # deepseek: engines (vLLM/SGLang-shaped) | transformers (exact pin)
     query_bias_lora: bool = False  # deepseek: carry a query bias through q_lora_rank = D + 1 instead of refusing
     force: bool = False
     device: str = "cpu"  # where the reference check runs: cpu | cuda | auto
@@ -90,15 +95,19 @@ def _validate(req: ExportRequest) -> None:
     if req.path not in PATHS:
         raise InputError(f"--path must be absorb or gqa, got {req.path!r}")
     if req.format not in FORMATS:
-        raise InputError(f"--format must be gqla or deepseek, got {req.format!r}")
+        raise InputError(f"--format must be gqla, deepseek or mimo, got {req.format!r}")
+    if req.target not in TARGETS:
+        raise InputError(f"--target must be engines or transformers, got {req.target!r}")
     if req.fold_kv and req.path != "gqa":
         raise InputError("--fold-kv folds kv_b_proj into per-group k/v projections for GQA runtimes; use it with --path gqa")
     if req.format == "deepseek" and req.path != "absorb":
         raise InputError("--format deepseek writes DeepSeek-V3's MLA (absorb path); use --path absorb, or --format gqla for the gqa path")
+    if req.format == "mimo" and req.path != "gqa":
+        raise InputError("--format mimo writes the GQA path (MiMo-V2-Flash attention); use --path gqa, or --format deepseek for absorb")
     if req.fold_kv and req.format != "gqla":
-        raise InputError("--fold-kv writes the gqla format; drop --format deepseek")
-    if req.query_bias_lora and req.format != "deepseek":
-        raise InputError("--q-lora-bias applies to --format deepseek only")
+        raise InputError(f"--fold-kv writes the gqla format; drop --format {req.format}")
+    if req.query_bias_lora and (req.format != "deepseek" or req.target != "transformers"):
+        raise InputError("--q-lora-bias applies to --format deepseek --target transformers only (the engines have no query bias slot)")
     if req.tolerance is not None and not req.tolerance > 0:
         raise InputError(f"--tol must be positive, got {req.tolerance}")
 
@@ -118,8 +127,13 @@ def _write(req: ExportRequest, src: GQLACheckpoint, folder: Path, warnings: list
     if req.format == "deepseek":
         from .deepseek import write_deepseek
 
-        details = write_deepseek(src, folder, req.max_shard_bytes, warnings, req.query_bias_lora)
+        details = write_deepseek(src, folder, req.max_shard_bytes, warnings, req.target, req.query_bias_lora)
         return details, deepseek_candidate, "stock transformers DeepseekV3ForCausalLM on DST (float32)"
+    if req.format == "mimo":
+        from .mimo import write_mimo
+
+        details = write_mimo(src, folder, req.max_shard_bytes, warnings)
+        return details, mimo_candidate, "stock transformers MiMoV2FlashForCausalLM on DST (float32)"
     from .gqla_paths import write_folded, write_same
 
     if req.fold_kv:
@@ -142,16 +156,21 @@ def run_export(req: ExportRequest) -> ExportResult:
         if req.format == "deepseek":
             from .deepseek import check_supported
 
-            warnings += check_supported(src, req.query_bias_lora)
+            warnings += check_supported(src, req.target, req.query_bias_lora)
+        elif req.format == "mimo":
+            from .mimo import check_supported as mimo_supported
+
+            warnings += mimo_supported(src)
         staged = StagedOutput(Path(req.dst), req.force, protect=[src.folder])
         total = sum(src.ckpt.spec(n).nbytes for n in src.ckpt.names)
         ensure_free_space(staged.path, int(total * (1.25 if req.format == "deepseek" else 1.0)))
         details, candidate, label = _write(req, src, staged.path, warnings)
         src.close()
         dst_config = _read_json(staged.path / "config.json")
-        tol = req.tolerance if req.tolerance is not None else tolerance_for(src.dtype, req.fold_kv)
+        rerounded = req.fold_kv or req.format == "mimo" or (req.format == "deepseek" and req.target == "engines")
+        tol = req.tolerance if req.tolerance is not None else tolerance_for(src.dtype, rerounded)
         check = run_check(src.folder, src.config, staged.path, dst_config, candidate, label, tol, device,
-                          tokens_required=tokens_must_match(src.dtype, req.fold_kv))
+                          tokens_required=tokens_must_match(src.dtype, rerounded))
         committed = False
         if check.ok:
             staged.commit()

@@ -180,32 +180,41 @@ def decoder_candidate(cls: type[Decoder], path: str) -> Callable:
     return run
 
 
-@torch.no_grad()
-def deepseek_candidate(dst: Path, config: dict, ids: torch.Tensor, scored: torch.Tensor, device="cpu", n: int = GREEDY_TOKENS):
-    """Stock ``DeepseekV3ForCausalLM`` (float32, no remote code): its ``generate()`` tokens and logits."""
-    import transformers
-    from transformers import DeepseekV3ForCausalLM, GenerationConfig
+def stock_candidate(class_name: str) -> Callable:
+    """A candidate run by a stock transformers class (float32, no remote code): ``generate()`` tokens and logits."""
 
-    hf_log = transformers.utils.logging
-    verbosity, bars = hf_log.get_verbosity(), hf_log.is_progress_bar_enabled()
-    hf_log.set_verbosity_error()
-    hf_log.disable_progress_bar()
-    try:
-        model, info = DeepseekV3ForCausalLM.from_pretrained(dst, dtype=torch.float32, output_loading_info=True)
-    finally:
-        hf_log.set_verbosity(verbosity)
-        if bars:
-            hf_log.enable_progress_bar()
-    missing = list(info.get("missing_keys", [])) + list(info.get("unexpected_keys", [])) + list(info.get("mismatched_keys", []))
-    if missing:
-        raise UnsupportedError(f"stock DeepseekV3ForCausalLM does not load every tensor of the export: {missing[:4]}")
-    model = model.to(device).eval()
-    gen = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=n, min_new_tokens=n,
-                           eos_token_id=None, pad_token_id=0, bos_token_id=None)
-    ids_d = ids.to(device)
-    tokens = model.generate(ids_d, attention_mask=torch.ones_like(ids_d), generation_config=gen)[0, ids.shape[1]:].tolist()
-    logits = model(scored.to(device), use_cache=False).logits.float().cpu()
-    return tokens, logits
+    @torch.no_grad()
+    def run(dst: Path, config: dict, ids: torch.Tensor, scored: torch.Tensor, device="cpu", n: int = GREEDY_TOKENS):
+        import transformers
+        from transformers import GenerationConfig
+
+        cls = getattr(transformers, class_name)
+        hf_log = transformers.utils.logging
+        verbosity, bars = hf_log.get_verbosity(), hf_log.is_progress_bar_enabled()
+        hf_log.set_verbosity_error()
+        hf_log.disable_progress_bar()
+        try:
+            model, info = cls.from_pretrained(dst, dtype=torch.float32, output_loading_info=True)
+        finally:
+            hf_log.set_verbosity(verbosity)
+            if bars:
+                hf_log.enable_progress_bar()
+        missing = list(info.get("missing_keys", [])) + list(info.get("unexpected_keys", [])) + list(info.get("mismatched_keys", []))
+        if missing:
+            raise UnsupportedError(f"stock {class_name} does not load every tensor of the export: {sorted(missing)[:4]}")
+        model = model.to(device).eval()
+        gen = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=n, min_new_tokens=n,
+                               eos_token_id=None, pad_token_id=0, bos_token_id=None)
+        ids_d = ids.to(device)
+        tokens = model.generate(ids_d, attention_mask=torch.ones_like(ids_d), generation_config=gen)[0, ids.shape[1]:].tolist()
+        logits = model(scored.to(device), use_cache=False).logits.float().cpu()
+        return tokens, logits
+
+    return run
+
+
+deepseek_candidate = stock_candidate("DeepseekV3ForCausalLM")
+mimo_candidate = stock_candidate("MiMoV2FlashForCausalLM")
 
 
 def compare(ref_tokens, ref_logits, cand_tokens, cand_logits, *, reference, candidate, prompt_len, how, tolerance) -> CheckResult:

@@ -26,6 +26,25 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _check_rows(table: Table, c: dict[str, Any]) -> None:
+    layerwise = c["mode"] == "layerwise"
+    greedy = "" if layerwise else f" + {c['greedy_tokens']} greedy"
+    table.add_row("prompt", f"{c['prompt']['tokens']} tokens ({c['prompt']['source']}){greedy}")
+    what = "hidden state after the final norm" if layerwise else "logit"
+    table.add_row(f"max |{what} error|", _fmt(c["max_abs_logit_error"]))
+    rel_ok = c["rel_logit_error"] <= c["tolerance"]
+    table.add_row(f"relative {what} error", Text(f"{_fmt(c['rel_logit_error'])} (tolerance {_fmt(c['tolerance'])})",
+                                                 style="green" if rel_ok else "bold red"))
+    if layerwise:
+        table.add_row("how", "; ".join(c["notes"]))
+        return
+    toks = "equal" if c["greedy_tokens_equal"] else f"diverge at {c['greedy_tokens_matched']}"
+    if not c["greedy_tokens_required"]:
+        toks += " (reported only: half-precision fold)"
+    tok_style = "green" if c["greedy_tokens_equal"] else ("yellow" if not c["greedy_tokens_required"] else "bold red")
+    table.add_row(f"greedy tokens (N={c['greedy_tokens']})", Text(toks, style=tok_style))
+
+
 def export_table(s: dict[str, Any]) -> Table:
     c = s["check"]
     kind = f"{s['format']} format, {s['path']} path" + (", k/v folded" if s["fold_kv"] else "")
@@ -48,16 +67,10 @@ def export_table(s: dict[str, Any]) -> Table:
         table.add_row("vLLM prefill shape", "accepted" if e["vllm_prefill_accepts"] else "refused")
     table.add_row("reference", c["reference"])
     table.add_row("checked", c["candidate"])
-    table.add_row("prompt", f"{c['prompt']['tokens']} tokens ({c['prompt']['source']}) + {c['greedy_tokens']} greedy")
-    table.add_row("max |logit error|", _fmt(c["max_abs_logit_error"]))
-    rel_ok = c["rel_logit_error"] <= c["tolerance"]
-    table.add_row("relative logit error", Text(f"{_fmt(c['rel_logit_error'])} (tolerance {_fmt(c['tolerance'])})",
-                                               style="green" if rel_ok else "bold red"))
-    toks = "equal" if c["greedy_tokens_equal"] else f"diverge at {c['greedy_tokens_matched']}"
-    if not c["greedy_tokens_required"]:
-        toks += " (reported only: half-precision fold)"
-    tok_style = "green" if c["greedy_tokens_equal"] else ("yellow" if not c["greedy_tokens_required"] else "bold red")
-    table.add_row(f"greedy tokens (N={c['greedy_tokens']})", Text(toks, style=tok_style))
+    if c["mode"] == "manifest":
+        table.add_row("check", Text("; ".join(c["notes"]), style="green" if c["ok"] else "bold red"))
+    else:
+        _check_rows(table, c)
     for w in s["warnings"]:
         table.add_row(Text("warning", style="yellow"), Text(w, style="yellow"))
     table.add_row("time", f"{s['seconds']:.1f} s")
@@ -78,6 +91,7 @@ def register(app: typer.Typer) -> None:
         q_lora_bias: bool = typer.Option(False, "--q-lora-bias", help="With --format deepseek --target transformers: carry a query bias (Qwen2) exactly through q_lora_rank = hidden_size + 1 instead of refusing."),
         force: bool = typer.Option(False, "--force", help="Replace a non-empty DST."),
         device: str = typer.Option("auto", "--device", help="Where the reference check runs: cpu|cuda|auto."),
+        check: str = typer.Option("auto", "--check", help="Check of a rewritten export: auto (layer by layer above 2 GiB of float32 weights) | full (both whole models, logits and greedy tokens) | layerwise (one layer at a time, bounded memory). Byte-identical exports are checked by their hashes."),
         tol: Optional[float] = typer.Option(None, "--tol", help="Relative logit error allowed by the check (default: 1e-4 for float32 weights; bfloat16/float16 5e-3/2e-3, or 2e-2/5e-3 with --fold-kv)."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
     ) -> None:
@@ -85,7 +99,7 @@ def register(app: typer.Typer) -> None:
         from transgqla.export import ExportRequest, failure_message, run_export
 
         out, err = Console(), Console(stderr=True)
-        request = ExportRequest(out_dir, dst_dir, path=path, format=fmt, fold_kv=fold_kv, target=target, query_bias_lora=q_lora_bias, force=force, device=device, tolerance=tol)
+        request = ExportRequest(out_dir, dst_dir, path=path, format=fmt, fold_kv=fold_kv, target=target, query_bias_lora=q_lora_bias, check=check, force=force, device=device, tolerance=tol)
         try:
             result = run_export(request)
         except TransGQLAError as exc:

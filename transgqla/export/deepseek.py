@@ -8,7 +8,9 @@ RoPE in both spellings (``rope_theta`` + ``rope_scaling`` for transformers 4 and
 ``rope_parameters`` for transformers 5) and ``torch_dtype`` + ``dtype``. Two targets:
 
 * ``engines`` (default): what stock vLLM and SGLang run, and transformers too: no biases, ``kv_lora_rank =
-  r``, the latent norm in its linear regime and ``rms_norm_eps: 1e-6`` (:func:`.latent_norm.linear_norm`).
+  r``, the latent norm in its linear regime and ``rms_norm_eps: 1e-6`` (:func:`.latent_norm.linear_norm`);
+  for float32 weights the other norms keep the source's eps exactly through a residual-stream scale
+  (:func:`stream_scale`), for half precision they run at 1e-6 (measured in the check).
   Attention biases (Qwen2) have no slot in the engines' DeepSeek attention: refused with one line naming
   the alternatives; float16 checkpoints too (the scaled latent rows would be subnormal). The result says
   which MLA kernels accept the shape (:mod:`transgqla.engines`).
@@ -23,6 +25,7 @@ DeepSeek-V3 equivalent: the export attends to the full context, and says so in i
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -88,8 +91,12 @@ def check_supported(src: GQLACheckpoint, target: str = "engines", query_bias_lor
             raise UnsupportedError("float16 cannot hold the engine form's scaled latent rows (subnormal); convert with "
                                    "--dtype bfloat16 or float32, or export --target transformers")
         if abs(geo.eps - LATENT_NORM_EPS) > 1e-12:
-            warnings.append(f"rms_norm_eps {geo.eps:g} -> {LATENT_NORM_EPS:g} in every norm (every runtime must give the "
-                            f"latent norm the eps transformers hard-codes); the check's logit error includes it")
+            if stream_scale(geo.eps, src.dtype) != 1.0:
+                warnings.append(f"rms_norm_eps {geo.eps:g} -> {LATENT_NORM_EPS:g} (the latent norm's eps in every runtime), "
+                                f"compensated exactly by scaling the residual stream by sqrt({LATENT_NORM_EPS:g}/{geo.eps:g})")
+            else:
+                warnings.append(f"rms_norm_eps {geo.eps:g} -> {LATENT_NORM_EPS:g} in every norm (every runtime must give the "
+                                f"latent norm the eps transformers hard-codes); the check's logit error includes it")
     elif "q_proj.bias" in biases:
         if not query_bias_lora:
             raise UnsupportedError(QUERY_BIAS_MESSAGE.format(arch=_source_arch(src)))
@@ -144,7 +151,7 @@ def rope_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"rope_theta": base, "rope_scaling": legacy, "rope_parameters": params}
 
 
-def deepseek_config(src: GQLACheckpoint, target: str, norms: list, info: dict[str, Any]) -> dict[str, Any]:
+def deepseek_config(src: GQLACheckpoint, target: str, norms: list, info: dict[str, Any], beta: float = 1.0) -> dict[str, Any]:
     geo, cfg = src.geo, src.config
     inter = int(cfg["intermediate_size"])
     engines = target == "engines"
@@ -203,6 +210,7 @@ def deepseek_config(src: GQLACheckpoint, target: str, norms: list, info: dict[st
             **info,
             "target": target,
             "source_rms_norm_eps": geo.eps,
+            "residual_stream_scale": beta,
             "latent_norm": {"how": how, "layers": [p.to_dict() for p in norms]},
             **extra,
             "gqla": {k: cfg["gqla"].get(k) for k in ("format_version", "source", "conversion")},
@@ -229,6 +237,21 @@ def _attention_shapes(src: GQLACheckpoint, target: str, use_q_lora: bool) -> dic
         shapes.update({"q_a_proj.weight": (geo.hidden + 1, geo.hidden), "q_a_proj.bias": (geo.hidden + 1,),
                        "q_a_layernorm.weight": (geo.hidden + 1,), "q_b_proj.weight": (geo.n_heads * dq, geo.hidden + 1)})
     return shapes
+
+
+def stream_scale(eps: float, dtype: str) -> float:
+    """``beta`` that makes every ``rms_norm_eps = 1e-6`` norm act as one with the source's ``eps`` (1: none).
+
+    RMSNorm is scale-free but for its eps: ``RMSNorm(beta h; e) = w h / sqrt(mean(h^2) + e / beta^2)``. With the
+    residual stream scaled by ``beta = sqrt(1e-6 / eps)`` (the embedding and every ``o_proj`` / ``down_proj``
+    times ``beta``; attention and MLP inputs are normalized, so nothing else changes; ``lm_head`` reads the
+    final norm's output, unscaled) each norm sees ``eps`` again, exactly. Done for float32/float64 weights
+    only: rounding those three matrices to bfloat16 again costs more than the eps change (measured on the
+    demo, float32 compute: relative logit error 1.9e-2 rescaled, 2.0e-3 with the eps change alone).
+    """
+    if dtype not in ("F32", "F64") or abs(eps - LATENT_NORM_EPS) <= 1e-12:
+        return 1.0
+    return math.sqrt(LATENT_NORM_EPS / eps)
 
 
 def write_deepseek(src: GQLACheckpoint, folder: Path, max_shard_bytes: int, warnings: list[str],
@@ -260,9 +283,14 @@ def write_deepseek(src: GQLACheckpoint, folder: Path, max_shard_bytes: int, warn
             out.update(query_lora(src, layer, q_pins[layer], tdt))
         return {src.attn(layer, k): v.to(tdt).contiguous() for k, v in out.items()}
 
-    files = write_planned(src, folder, specs, computed, compute, max_shard_bytes, aliases=aliases)
+    beta = stream_scale(geo.eps, dtype) if engines else 1.0
+    scales = {}
+    if beta != 1.0:
+        scales = {s.name: beta for s in specs if s.name not in computed and s.name not in aliases and
+                  (s.name == "model.embed_tokens.weight" or s.name.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight")))}
+    files = write_planned(src, folder, specs, computed, compute, max_shard_bytes, aliases=aliases, scales=scales)
     info = export_info(src, format="deepseek", path="absorb", target=target, folded=False, warnings=warnings)
-    config = deepseek_config(src, target, norms, info)
+    config = deepseek_config(src, target, norms, info, beta)
     if use_q_lora:
         config["q_lora_rank"] = geo.hidden + 1
         config["transgqla"]["query_norm"] = {
@@ -283,4 +311,5 @@ def write_deepseek(src: GQLACheckpoint, folder: Path, max_shard_bytes: int, warn
     }
     if engines:
         details["engines"] = engine_support(engine_shape(src))
+        details["residual_stream_scale"] = beta
     return details

@@ -12,7 +12,7 @@ exact in the checkpoint dtype. ``w`` is rounded to the dtype; the residual scale
 is folded into ``kv_b_proj`` when it exceeds an eighth of the dtype's epsilon (bfloat16: ``|s - 1|`` up to
 ~2e-3 otherwise). The eps must be the one every runtime uses: transformers builds ``kv_a_layernorm`` with
 1e-6 whatever the config says, vLLM and SGLang use ``config.rms_norm_eps``, so the export writes
-``rms_norm_eps: 1e-6`` (which also moves the other norms slightly; the export check measures it). float16
+``rms_norm_eps: 1e-6`` (which moves the other norms: see :func:`.deepseek.stream_scale`). float16
 cannot hold ``alpha W`` (subnormal): refused.
 
 **Constant coordinate** (:func:`pin_norm`, ``--target transformers``, exact to float32 rounding). One extra

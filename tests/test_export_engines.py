@@ -170,7 +170,7 @@ def test_advice_pads_without_shrinking(shape):
     p = padded_shape(s)
     assert p.rank >= s.rank and p.d_rope >= s.d_rope and p.d_nope >= s.d_nope and p.d_v >= s.d_v
     assert p.d_rope % s.d_rope == 0  # pair p moves to slot p * d_R' / d_R: same frequency
-    assert fast_kernels(p) and vllm_prefill_ok(p) and "zero-pad" in advice(s)
+    assert fast_kernels(p) and vllm_prefill_ok(p) and "zero padding" in advice(s)
 
 
 def test_rope_wider_than_64_needs_a_reconversion():
@@ -198,3 +198,21 @@ def test_half_precision_keeps_eps_change_and_says_so(tmp_path):
     assert any("-> 1e-06 in every norm" in w for w in doc["warnings"])
     with SafetensorsCheckpoint(tmp_path / "out") as a, SafetensorsCheckpoint(tmp_path / "ds") as b:
         assert a.read_bytes("model.embed_tokens.weight") == b.read_bytes("model.embed_tokens.weight")
+
+
+def test_verify_reports_the_engine_kernels(eng, tmp_path):
+    from transgqla.verify import run_verify
+
+    dst = tmp_path / "ds"
+    export_json(eng("eps5"), dst, "--path", "absorb", "--format", "deepseek")
+    report = run_verify(dst, device="cpu")
+    assert report.ok and report.info["sections"] == ["engines"]
+    assert report.get("engines.decode.Triton_MLA").value is True and report.get("engines.decode.FlashMLA").value is False
+    assert report.get("engines.vllm_prefill").value is False and "--kv-lora-rank 256" in report.get("engines.advice").message
+    assert report.get("engines.form").ok
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, rms_norm_eps=1e-5)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    report = run_verify(dst, device="cpu")
+    assert report.get("engines.decode.FlashMLA").value is True and report.get("engines.advice").value == "none"
+    assert not report.ok and report.failed()[0].name == "engines.form"  # eps 1e-5: runtimes disagree

@@ -116,7 +116,7 @@ def advice(shape: MLAShape) -> str:
     if shape.d_rope > 64:
         return "; ".join(problems) + f": reconvert with --qk-rope-dim 64 (universal shape {UNIVERSAL})"
     target = padded_shape(shape)
-    how = f"zero-pad to {target} (exact; cache {target.cache_values} instead of {shape.cache_values} values/token/layer)"
+    how = f"zero padding to {target} would be exact (cache {target.cache_values} instead of {shape.cache_values} values/token/layer)"
     if (target.rank, target.d_rope) != (shape.rank, shape.d_rope):
         how += f", or reconvert with --kv-lora-rank {target.rank} --qk-rope-dim {target.d_rope} (the same cache, more accuracy)"
     return "; ".join(problems) + ": " + how

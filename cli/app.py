@@ -24,6 +24,7 @@ from transgqla.errors import TransGQLAError
 from .progress import progress_reporter
 from .render import conversion_table, plan_line, recipes_table
 from .export_cmd import register as register_export
+from .plan_cmd import register as register_plan
 from .verify_cmd import register as register_verify
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Convert GQA checkpoints to GQLA, verify and export them.")
@@ -198,6 +199,7 @@ def _plan_doc(plan) -> dict[str, Any]:
 
 register_verify(app)
 register_export(app)
+register_plan(app)
 
 
 def main() -> None:

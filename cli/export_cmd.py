@@ -26,6 +26,25 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _check_rows(table: Table, c: dict[str, Any]) -> None:
+    layerwise = c["mode"] == "layerwise"
+    greedy = "" if layerwise else f" + {c['greedy_tokens']} greedy"
+    table.add_row("prompt", f"{c['prompt']['tokens']} tokens ({c['prompt']['source']}){greedy}")
+    what = "hidden state after the final norm" if layerwise else "logit"
+    table.add_row(f"max |{what} error|", _fmt(c["max_abs_logit_error"]))
+    rel_ok = c["rel_logit_error"] <= c["tolerance"]
+    table.add_row(f"relative {what} error", Text(f"{_fmt(c['rel_logit_error'])} (tolerance {_fmt(c['tolerance'])})",
+                                                 style="green" if rel_ok else "bold red"))
+    if layerwise:
+        table.add_row("how", "; ".join(c["notes"]))
+        return
+    toks = "equal" if c["greedy_tokens_equal"] else f"diverge at {c['greedy_tokens_matched']}"
+    if not c["greedy_tokens_required"]:
+        toks += " (reported only: half-precision fold)"
+    tok_style = "green" if c["greedy_tokens_equal"] else ("yellow" if not c["greedy_tokens_required"] else "bold red")
+    table.add_row(f"greedy tokens (N={c['greedy_tokens']})", Text(toks, style=tok_style))
+
+
 def export_table(s: dict[str, Any]) -> Table:
     c = s["check"]
     kind = f"{s['format']} format, {s['path']} path" + (", k/v folded" if s["fold_kv"] else "")
@@ -39,20 +58,19 @@ def export_table(s: dict[str, Any]) -> Table:
     table.add_row("KV cache / token / layer", str(s["cache_values_per_token"]))
     if "latent_norm" in s:
         ln = s["latent_norm"]
-        table.add_row("latent norm pinned: |scale - 1|", _fmt(ln["max_residual_scale_error"]))
+        table.add_row("target", s.get("target", ""))
+        table.add_row(f"latent norm ({ln['form']}): |scale - 1|", _fmt(ln["max_residual_scale_error"]))
         table.add_row("latent norm worst-case rel. deviation", _fmt(ln["worst_case_rel_error"]))
+    if "engines" in s:
+        e = s["engines"]
+        table.add_row("fast MLA decode kernels", ", ".join(e["fast_decode_kernels"]) or "none (Triton MLA only)")
+        table.add_row("vLLM prefill shape", "accepted" if e["vllm_prefill_accepts"] else "refused")
     table.add_row("reference", c["reference"])
     table.add_row("checked", c["candidate"])
-    table.add_row("prompt", f"{c['prompt']['tokens']} tokens ({c['prompt']['source']}) + {c['greedy_tokens']} greedy")
-    table.add_row("max |logit error|", _fmt(c["max_abs_logit_error"]))
-    rel_ok = c["rel_logit_error"] <= c["tolerance"]
-    table.add_row("relative logit error", Text(f"{_fmt(c['rel_logit_error'])} (tolerance {_fmt(c['tolerance'])})",
-                                               style="green" if rel_ok else "bold red"))
-    toks = "equal" if c["greedy_tokens_equal"] else f"diverge at {c['greedy_tokens_matched']}"
-    if not c["greedy_tokens_required"]:
-        toks += " (reported only: half-precision fold)"
-    tok_style = "green" if c["greedy_tokens_equal"] else ("yellow" if not c["greedy_tokens_required"] else "bold red")
-    table.add_row(f"greedy tokens (N={c['greedy_tokens']})", Text(toks, style=tok_style))
+    if c["mode"] == "manifest":
+        table.add_row("check", Text("; ".join(c["notes"]), style="green" if c["ok"] else "bold red"))
+    else:
+        _check_rows(table, c)
     for w in s["warnings"]:
         table.add_row(Text("warning", style="yellow"), Text(w, style="yellow"))
     table.add_row("time", f"{s['seconds']:.1f} s")
@@ -67,11 +85,13 @@ def register(app: typer.Typer) -> None:
         out_dir: Path = typer.Argument(..., metavar="OUT", help="GQLA checkpoint folder (written by transgqla convert)."),
         dst_dir: Path = typer.Argument(..., metavar="DST", help="Export folder (must be empty unless --force)."),
         path: str = typer.Option(..., "--path", help="Decode path: absorb (MLA-like latent cache) | gqa (per-group K/V cache)."),
-        fmt: str = typer.Option("gqla", "--format", help="gqla (GQLA checkpoint, remote code) | deepseek (stock DeepSeek-V3, --path absorb)."),
+        fmt: str = typer.Option("gqla", "--format", help="gqla (GQLA checkpoint, remote code) | deepseek (stock DeepSeek-V3, --path absorb) | mimo (stock MiMo-V2-Flash, --path gqa)."),
+        target: str = typer.Option("engines", "--target", help="With --format deepseek: engines (vLLM/SGLang/transformers: no biases, kv_lora_rank = r, linear latent norm, rms_norm_eps 1e-6) | transformers (exact constant-coordinate pin, stock transformers only)."),
         fold_kv: bool = typer.Option(False, "--fold-kv", help="With --path gqa: fold kv_b_proj into per-group k_proj/v_proj for GQA runtimes."),
-        q_lora_bias: bool = typer.Option(False, "--q-lora-bias", help="With --format deepseek: carry a query bias (Qwen2) exactly through q_lora_rank = hidden_size + 1 instead of refusing."),
+        q_lora_bias: bool = typer.Option(False, "--q-lora-bias", help="With --format deepseek --target transformers: carry a query bias (Qwen2) exactly through q_lora_rank = hidden_size + 1 instead of refusing."),
         force: bool = typer.Option(False, "--force", help="Replace a non-empty DST."),
         device: str = typer.Option("auto", "--device", help="Where the reference check runs: cpu|cuda|auto."),
+        check: str = typer.Option("auto", "--check", help="Check of a rewritten export: auto (layer by layer above 2 GiB of float32 weights) | full (both whole models, logits and greedy tokens) | layerwise (one layer at a time, bounded memory). Byte-identical exports are checked by their hashes."),
         tol: Optional[float] = typer.Option(None, "--tol", help="Relative logit error allowed by the check (default: 1e-4 for float32 weights; bfloat16/float16 5e-3/2e-3, or 2e-2/5e-3 with --fold-kv)."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
     ) -> None:
@@ -79,7 +99,7 @@ def register(app: typer.Typer) -> None:
         from transgqla.export import ExportRequest, failure_message, run_export
 
         out, err = Console(), Console(stderr=True)
-        request = ExportRequest(out_dir, dst_dir, path=path, format=fmt, fold_kv=fold_kv, query_bias_lora=q_lora_bias, force=force, device=device, tolerance=tol)
+        request = ExportRequest(out_dir, dst_dir, path=path, format=fmt, fold_kv=fold_kv, target=target, query_bias_lora=q_lora_bias, check=check, force=force, device=device, tolerance=tol)
         try:
             result = run_export(request)
         except TransGQLAError as exc:

@@ -7,10 +7,14 @@ Forms (``--path`` / ``--format`` / ``--fold-kv``):
 * ``gqa --fold-kv``: per-group ``k_proj``/``v_proj`` for ordinary GQA kernels (RoPE on the last ``d_R``
   dims, interleaved). See :mod:`.gqla_paths`.
 * ``absorb``, format ``deepseek``: a stock DeepSeek-V3 checkpoint, ``AutoModelForCausalLM.from_pretrained(DST)``
-  without remote code. See :mod:`.deepseek`.
+  without remote code; ``--target engines`` (default: vLLM, SGLang, transformers) or ``transformers``
+  (exact constant-coordinate form). See :mod:`.deepseek`.
+* ``gqa``, format ``mimo``: a stock MiMo-V2-Flash checkpoint carrying the GQA path (transformers, vLLM,
+  SGLang, no remote code). See :mod:`.mimo`.
 
-Every export is written into a staging folder and checked against the GQLA reference decoder on OUT
-(:mod:`.check`); DST appears only when the check passes. A failed check leaves DST untouched and the
+Every export is written into a staging folder and checked (:mod:`.check`): a byte-identical one by the
+hashes of its files against OUT's manifest, a rewritten one against the GQLA reference decoder on OUT, whole
+or layer by layer in bounded memory (:mod:`.layerwise`); DST appears only when the check passes. A failed check leaves DST untouched and the
 result says by how much it failed (the CLI exits 5).
 """
 
@@ -26,12 +30,14 @@ import torch
 
 from ..errors import InputError, VerificationError
 from ..io import StagedOutput, ensure_free_space
-from ..model.decoder import GQLADecoder
-from .check import CheckResult, FoldedGQADecoder, decoder_candidate, deepseek_candidate, run_check, tokens_must_match, tolerance_for
+from .check import (CHECK_MODES, Candidate, CheckResult, FoldedGQADecoder, decoder_candidate, deepseek_candidate,
+                    manifest_check, mimo_candidate, run_check, tokens_must_match, tolerance_for)
+from .source import MANIFEST
 from .source import GQLACheckpoint, open_gqla
 
 PATHS = ("absorb", "gqa")
-FORMATS = ("gqla", "deepseek")
+FORMATS = ("gqla", "deepseek", "mimo")
+TARGETS = ("engines", "transformers")
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 
 __all__ = ["ExportRequest", "ExportResult", "run_export", "export", "PATHS", "FORMATS"]
@@ -44,11 +50,13 @@ class ExportRequest:
     path: str = "absorb"
     format: str = "gqla"
     fold_kv: bool = False
+    target: str = "engines"  # deepseek: engines (vLLM/SGLang-shaped) | transformers (exact pin)
     query_bias_lora: bool = False  # deepseek: carry a query bias through q_lora_rank = D + 1 instead of refusing
     force: bool = False
     device: str = "cpu"  # where the reference check runs: cpu | cuda | auto
     tolerance: float | None = None  # relative logit error allowed (default: by dtype, see check.TOLERANCES)
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
+    check: str = "auto"  # rewritten exports: auto | full | layerwise (see .check)
 
 
 @dataclass
@@ -90,15 +98,21 @@ def _validate(req: ExportRequest) -> None:
     if req.path not in PATHS:
         raise InputError(f"--path must be absorb or gqa, got {req.path!r}")
     if req.format not in FORMATS:
-        raise InputError(f"--format must be gqla or deepseek, got {req.format!r}")
+        raise InputError(f"--format must be gqla, deepseek or mimo, got {req.format!r}")
+    if req.target not in TARGETS:
+        raise InputError(f"--target must be engines or transformers, got {req.target!r}")
     if req.fold_kv and req.path != "gqa":
         raise InputError("--fold-kv folds kv_b_proj into per-group k/v projections for GQA runtimes; use it with --path gqa")
     if req.format == "deepseek" and req.path != "absorb":
         raise InputError("--format deepseek writes DeepSeek-V3's MLA (absorb path); use --path absorb, or --format gqla for the gqa path")
+    if req.format == "mimo" and req.path != "gqa":
+        raise InputError("--format mimo writes the GQA path (MiMo-V2-Flash attention); use --path gqa, or --format deepseek for absorb")
     if req.fold_kv and req.format != "gqla":
-        raise InputError("--fold-kv writes the gqla format; drop --format deepseek")
-    if req.query_bias_lora and req.format != "deepseek":
-        raise InputError("--q-lora-bias applies to --format deepseek only")
+        raise InputError(f"--fold-kv writes the gqla format; drop --format {req.format}")
+    if req.query_bias_lora and (req.format != "deepseek" or req.target != "transformers"):
+        raise InputError("--q-lora-bias applies to --format deepseek --target transformers only (the engines have no query bias slot)")
+    if req.check not in CHECK_MODES:
+        raise InputError(f"--check must be one of {', '.join(CHECK_MODES)}, got {req.check!r}")
     if req.tolerance is not None and not req.tolerance > 0:
         raise InputError(f"--tol must be positive, got {req.tolerance}")
 
@@ -109,20 +123,23 @@ def _device(name: str) -> str:
     return str(resolve_device(name))
 
 
-def _write(req: ExportRequest, src: GQLACheckpoint, folder: Path, warnings: list[str]) -> tuple[dict, Any, str]:
-    """Write the export into ``folder``; return (details, candidate runner, candidate label)."""
+def _write(req: ExportRequest, src: GQLACheckpoint, folder: Path, warnings: list[str]) -> tuple[dict, Candidate | None]:
+    """Write the export into ``folder``; return (details, how to run it; None for a byte-identical copy)."""
     if req.format == "deepseek":
         from .deepseek import write_deepseek
 
-        details = write_deepseek(src, folder, req.max_shard_bytes, warnings, req.query_bias_lora)
-        return details, deepseek_candidate, "stock transformers DeepseekV3ForCausalLM on DST (float32)"
+        details = write_deepseek(src, folder, req.max_shard_bytes, warnings, req.target, req.query_bias_lora)
+        return details, deepseek_candidate
+    if req.format == "mimo":
+        from .mimo import write_mimo
+
+        return write_mimo(src, folder, req.max_shard_bytes, warnings), mimo_candidate
     from .gqla_paths import write_folded, write_same
 
     if req.fold_kv:
         details = write_folded(src, folder, req.max_shard_bytes)
-        return details, decoder_candidate(FoldedGQADecoder, "folded"), "plain GQA attention on DST's folded k/v (float32)"
-    details = write_same(src, folder, req.path)
-    return details, decoder_candidate(GQLADecoder, req.path), f"GQLADecoder on DST, {req.path} path (float32)"
+        return details, decoder_candidate(FoldedGQADecoder, "folded", "plain GQA attention on DST's folded k/v (float32)")
+    return write_same(src, folder, req.path), None
 
 
 def run_export(req: ExportRequest) -> ExportResult:
@@ -138,16 +155,25 @@ def run_export(req: ExportRequest) -> ExportResult:
         if req.format == "deepseek":
             from .deepseek import check_supported
 
-            warnings += check_supported(src, req.query_bias_lora)
+            warnings += check_supported(src, req.target, req.query_bias_lora)
+        elif req.format == "mimo":
+            from .mimo import check_supported as mimo_supported
+
+            warnings += mimo_supported(src)
         staged = StagedOutput(Path(req.dst), req.force, protect=[src.folder])
         total = sum(src.ckpt.spec(n).nbytes for n in src.ckpt.names)
         ensure_free_space(staged.path, int(total * (1.25 if req.format == "deepseek" else 1.0)))
-        details, candidate, label = _write(req, src, staged.path, warnings)
+        details, candidate = _write(req, src, staged.path, warnings)
+        weight_files = details.pop("weight_files", [])
         src.close()
-        dst_config = _read_json(staged.path / "config.json")
-        tol = req.tolerance if req.tolerance is not None else tolerance_for(src.dtype, req.fold_kv)
-        check = run_check(src.folder, src.config, staged.path, dst_config, candidate, label, tol, device,
-                          tokens_required=tokens_must_match(src.dtype, req.fold_kv))
+        if candidate is None:  # byte-identical: hashes, not models
+            check = manifest_check(src.folder, staged.path, MANIFEST, weight_files)
+        else:
+            dst_config = _read_json(staged.path / "config.json")
+            rerounded = req.fold_kv or req.format == "mimo" or (req.format == "deepseek" and req.target == "engines")
+            tol = req.tolerance if req.tolerance is not None else tolerance_for(src.dtype, rerounded)
+            check = run_check(src.folder, src.config, staged.path, dst_config, candidate, tol, device,
+                              tokens_required=tokens_must_match(src.dtype, rerounded), mode=req.check)
         committed = False
         if check.ok:
             staged.commit()
@@ -170,8 +196,11 @@ def export(req: ExportRequest) -> ExportResult:
 def failure_message(result: ExportResult) -> str:
     c = result.check
     parts = []
-    if c.rel_error > c.tolerance:
-        parts.append(f"relative logit error {c.rel_error:.3e} exceeds {c.tolerance:.1e}")
+    if c.mode == "manifest":
+        parts += c.notes
+    elif c.rel_error > c.tolerance:
+        what = "hidden-state" if c.mode == "layerwise" else "logit"
+        parts.append(f"relative {what} error {c.rel_error:.3e} exceeds {c.tolerance:.1e}" + ("" if c.rel_error < float("inf") else f" ({c.notes[-1]})"))
     if not c.tokens_equal and c.tokens_required:
         parts.append(f"greedy tokens diverge at token {c.tokens_matched} of {len(c.tokens_reference)}")
     return f"export check failed ({'; '.join(parts)}); {result.request.dst} not written"

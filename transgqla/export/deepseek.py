@@ -1,71 +1,49 @@
 """``--path absorb --format deepseek``: a stock DeepSeek-V3 checkpoint (dense, no remote code).
 
-Stock transformers (``DeepseekV3ForCausalLM``), and in principle vLLM and SGLang, load it as
-``model_type: "deepseek_v3"`` with ``first_k_dense_replace = num_hidden_layers`` (every MLP dense; the
-expert fields hold small valid values that build nothing), ``q_lora_rank: null``, ``rope_interleave:
-true``, ``head_dim = qk_rope_head_dim`` and ``num_key_value_heads = num_attention_heads``. What changes
-from the GQLA checkpoint, per layer:
+Loaded as ``model_type: "deepseek_v3"`` with ``first_k_dense_replace = num_hidden_layers`` (every MLP dense;
+the expert fields hold small valid values that build nothing: ``n_routed_experts: 2`` because llama.cpp
+asserts ``n_expert_groups < n_expert``), ``q_lora_rank: null``, ``rope_interleave: true``, ``head_dim =
+qk_rope_head_dim``, ``num_key_value_heads = num_attention_heads`` (``kv_b_proj`` holds one block per head),
+RoPE in both spellings (``rope_theta`` + ``rope_scaling`` for transformers 4 and the engines,
+``rope_parameters`` for transformers 5) and ``torch_dtype`` + ``dtype``. Two targets:
 
-* ``kv_b_proj`` is replicated per head: head ``h`` gets group ``h // (n_h / n_g)``'s block (MLA indexes
-  the up-projections per head), bytes copied.
-* **The latent RMSNorm.** DeepSeek normalizes the latent, ``kv_a_layernorm(c) = w * c / rms(c)``; GQLA
-  has no such norm. The export makes it an identity to float32 rounding: ``kv_lora_rank`` becomes
-  ``r + 1``, the extra latent coordinate has a zero ``kv_a_proj_with_mqa`` row and bias ``M``, so the
-  norm sees ``[c ; M]`` and its output on the first ``r`` dims is
-  ``w c sqrt(r + 1) / sqrt(|c|^2 + M^2 + (r + 1) eps)``. ``M`` is chosen per layer at least
-  ``2^14`` times a worst-case bound of ``|c|`` (``||W_DKV diag(input_layernorm)||_2 sqrt(D) + |b_DKV|``,
-  since the normalized attention input has norm at most ``sqrt(D)`` before its weight), so
-  ``|c|^2 / M^2 < 2^-28``: the norm's scale is constant to < 2e-9 relative, under float32 resolution.
-  ``w`` is ``M / sqrt(r + 1)`` rounded to the checkpoint dtype; ``M``'s mantissa is searched so that
-  the residual constant ``s = w sqrt(r + 1) / sqrt(M^2 + (r + 1) eps)`` is as close to 1 as the dtype
-  allows (typically ``|s - 1| ~ 1e-11`` in float32; in bfloat16 ``~1e-5``, up to ~1e-3 when ``sqrt(r + 1)``
-  sits just off a power of two, e.g. ``r = 1024``), and a residual beyond an eighth of the dtype's
-  epsilon is folded into ``kv_b_proj``. The extra coordinate's norm weight is 0, so the cache holds
-  ``[c ; 0]``, and its ``kv_b_proj`` column is 0. float16 caps ``M`` at ``2^15`` (range); the config
-  records each layer's worst-case bound. Runtimes computing in half precision round the norm's output
-  once more (DeepSeek's RMSNorm casts before applying its weight); in float16 the intermediate
-  ``c sqrt(r + 1) / M`` can fall into the subnormal range, so prefer bfloat16 or float32 compute.
-* **Biases.** ``attention_bias: true`` gives ``kv_a_proj_with_mqa`` (latent bias, ``M``, RoPE-key bias)
-  and ``o_proj`` a bias. GQLA's nope-key bias (``kv_b_proj.bias`` key rows) only shifts every score of a
-  query by the same amount, which softmax ignores: dropped. Its value bias is carried exactly through
-  ``o_proj.bias``: attention probabilities sum to one, so a value bias ``b_h`` adds ``W_O [b_h]_h`` to
-  the output whatever the probabilities (computed in float64, added to GQLA's ``o_proj.bias`` if any).
-  A **query** bias (Qwen2) has no slot: DeepSeek's ``q_proj`` has no bias, so such checkpoints are refused,
-  unless ``query_bias_lora`` (CLI ``--q-lora-bias``) is set: then the query is written in DeepSeek's
-  factorized form with ``q_lora_rank = D + 1``: ``q_a_proj = [I ; 0]`` with bias ``[0 ; M_q]`` (``M_q`` from
-  the bound ``|x| <= max|input_layernorm| sqrt(D)``), ``q_a_layernorm`` pinned like the latent norm (weight
-  ``w_q`` on the ``D`` real dims, 1 on the constant one), and ``q_b_proj = [W_q | b_q / u]`` where
-  ``u = sqrt(D + 1) M_q / sqrt(M_q^2 + (D + 1) eps)`` is the constant coordinate after the norm. Exact to
-  float32 rounding, at the cost of a ``(D + 1) x D`` identity per layer.
-* Tied embeddings are written untied (``lm_head.weight`` = a copy of the embedding).
+* ``engines`` (default): what stock vLLM and SGLang run, and transformers too: no biases, ``kv_lora_rank =
+  r``, the latent norm in its linear regime and ``rms_norm_eps: 1e-6`` (:func:`.latent_norm.linear_norm`);
+  for float32 weights the other norms keep the source's eps exactly through a residual-stream scale
+  (:func:`stream_scale`), for half precision they run at 1e-6 (measured in the check).
+  Attention biases (Qwen2) have no slot in the engines' DeepSeek attention: refused with one line naming
+  the alternatives; float16 checkpoints too (the scaled latent rows would be subnormal). The result says
+  which MLA kernels accept the shape (:mod:`transgqla.engines`).
+* ``transformers``: exact to float32 rounding in stock transformers only: the constant-coordinate pin
+  (``kv_lora_rank = r + 1``, biases), the source's ``rms_norm_eps``; query biases through
+  ``q_lora_rank = D + 1`` on request (:func:`.deepseek_layers.query_lora`).
 
-A source ``sliding_window`` smaller than ``max_position_embeddings`` (Mistral) has no DeepSeek-V3
-equivalent: the export attends to the full context, and says so in its warnings.
+Tensor layouts: :mod:`.deepseek_layers`. Tied embeddings are written untied (``lm_head.weight`` = a copy of
+the embedding). A source ``sliding_window`` smaller than ``max_position_embeddings`` (Mistral) has no
+DeepSeek-V3 equivalent: the export attends to the full context, and says so in its warnings.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..engines import MLAShape, advice, decode_support, fast_kernels, vllm_prefill_ok
 from ..errors import UnsupportedError
 from ..io import TensorSpec
 from ..io.safetensors_format import to_torch_dtype
 from ..mathx.rope import rope_settings
 from ..source_checkpoint import natural_key
+from .deepseek_layers import engines_layer, pinned_layer, query_lora
 from .gqla_paths import export_info, finish
+from .latent_norm import LATENT_NORM_EPS, input_bound, latent_bound, linear_norm, pin_norm
 from .source import GQLACheckpoint, write_planned
 
-LATENT_NORM_EPS = 1e-6  # DeepseekV3RMSNorm(kv_lora_rank) is built without config eps: its default
-HEADROOM_BITS = 14  # M >= 2^14 |c|_max  =>  |c|^2 / M^2 <= 2^-28
-MANTISSA_BITS = {"F32": 23, "F64": 52, "BF16": 7, "F16": 10}
-MAX_EXPONENT = {"F16": 15}  # float16 holds values < 65504: M <= 2^15 (1 + ...)
-DEFAULT_MAX_EXPONENT = 40
+TARGETS = ("engines", "transformers")
 _PASS_THROUGH = re.compile(
     r"^(model\.embed_tokens\.weight|model\.norm\.weight|lm_head\.weight|"
     r"model\.layers\.\d+\.(input_layernorm|post_attention_layernorm)\.weight|"
@@ -73,58 +51,13 @@ _PASS_THROUGH = re.compile(
     r"model\.layers\.\d+\.self_attn\.(q_proj|o_proj)\.weight)$"
 )
 _REPLACED = re.compile(r"^model\.layers\.\d+\.self_attn\.(kv_a_proj_with_mqa\.(weight|bias)|kv_b_proj\.(weight|bias)|o_proj\.bias)$")
+_BIASES = ("q_proj.bias", "kv_a_proj_with_mqa.bias", "kv_b_proj.bias", "o_proj.bias")
 QUERY_BIAS_MESSAGE = ("{arch} query bias has no slot in DeepSeek-V3's q_proj; export --format gqla instead "
                       "(or pass --q-lora-bias to carry it through a q_lora_rank = hidden_size + 1 factorization)")
-
-
-@dataclass
-class NormPin:
-    """How one layer's latent RMSNorm is pinned to the identity."""
-
-    bias: float  # M, the constant latent coordinate (exact in the checkpoint dtype)
-    weight: float  # w, the norm weight of the r real latent dims (in the checkpoint dtype)
-    scale: float  # s = w sqrt(r+1) / sqrt(M^2 + (r+1) eps): the norm's output is s c
-    bound: float  # worst-case |c| over all inputs
-    folded: bool  # whether 1/s was folded into kv_b_proj
-
-    @property
-    def worst_rel_error(self) -> float:
-        """Worst-case relative deviation of the norm's scale from s: |c|^2 / (2 M^2)."""
-        return self.bound**2 / (2 * self.bias**2)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"M": self.bias, "weight": self.weight, "residual_scale": self.scale, "c_bound": self.bound,
-                "worst_rel_error": self.worst_rel_error, "residual_folded": self.folded}
-
-
-def pin_norm(bound: float, dim: int, dtype: str, eps: float = LATENT_NORM_EPS) -> NormPin:
-    """Choose ``M`` (>= 2^14 bound, exact in ``dtype``) and ``w`` (``dtype``) with ``s`` closest to 1."""
-    bound = max(float(bound), 1e-3)
-    exp = min(math.ceil(math.log2(bound)) + HEADROOM_BITS, MAX_EXPONENT.get(dtype, DEFAULT_MAX_EXPONENT))
-    bits = min(MANTISSA_BITS.get(dtype, 23), 12)
-    tdt = to_torch_dtype(dtype)
-    j = torch.arange(2**bits, dtype=torch.float64)
-    m = 2.0**exp * (1 + j / 2**bits)
-    if dtype == "F16":
-        m = m[m <= torch.finfo(torch.float16).max]
-    w = (m / math.sqrt(dim)).to(tdt).to(torch.float64)
-    s = w * math.sqrt(dim) / torch.sqrt(m * m + dim * eps)
-    best = int((s - 1).abs().argmin())
-    scale = float(s[best])
-    fold = abs(scale - 1) > torch.finfo(tdt).eps / 8
-    return NormPin(float(m[best]), float(w[best]), scale, bound, fold)
-
-
-def latent_bound(src: GQLACheckpoint, layer: int) -> float:
-    """Max of ``|c| = |W_DKV x + b_DKV|`` over every input ``x = ln_w * u`` with ``|u| <= sqrt(D)``."""
-    geo = src.geo
-    w_c = src.read64(src.attn(layer, "kv_a_proj_with_mqa.weight"))[: geo.rank]
-    ln = src.read64(f"model.layers.{layer}.input_layernorm.weight")
-    if ln is not None:
-        w_c = w_c * ln[None, :]
-    bias = src.read64(src.attn(layer, "kv_a_proj_with_mqa.bias"))
-    b = float(bias[: geo.rank].norm()) if bias is not None else 0.0
-    return float(torch.linalg.matrix_norm(w_c, ord=2)) * math.sqrt(geo.hidden) + b
+ENGINE_BIAS_MESSAGE = ("{arch} attention biases ({names}) have no slot in vLLM/SGLang's DeepSeek attention; export "
+                       "--path gqa --format mimo (carries q/k/v biases, stock in transformers, vLLM, SGLang) or "
+                       "--format deepseek --target transformers (exact, stock transformers only)")
+DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 
 
 def _source_arch(src: GQLACheckpoint) -> str:
@@ -132,16 +65,39 @@ def _source_arch(src: GQLACheckpoint) -> str:
     return {"Qwen2ForCausalLM": "Qwen2"}.get(arch, arch)
 
 
+def nonzero_biases(src: GQLACheckpoint) -> list[str]:
+    """Attention bias kinds (names relative to ``self_attn.``) that hold a nonzero value in some layer."""
+    found = []
+    for rel in _BIASES:
+        names = [src.attn(l, rel) for l in range(src.geo.n_layers)]
+        if any(n in src.ckpt and bool(src.ckpt.read(n).any()) for n in names):
+            found.append(rel)
+    return found
+
+
 def has_query_bias(src: GQLACheckpoint) -> bool:
-    names = [src.attn(l, "q_proj.bias") for l in range(src.geo.n_layers)]
-    return any(n in src.ckpt and bool(src.ckpt.read(n).any()) for n in names)
+    return "q_proj.bias" in nonzero_biases(src)
 
 
-def check_supported(src: GQLACheckpoint, query_bias_lora: bool = False) -> list[str]:
-    """Refuse what stock DeepSeek-V3 cannot express (one-line UnsupportedError); return warnings."""
+def check_supported(src: GQLACheckpoint, target: str = "engines", query_bias_lora: bool = False) -> list[str]:
+    """Refuse what the target cannot express (one-line UnsupportedError); return warnings."""
     geo, cfg = src.geo, src.config
     warnings: list[str] = []
-    if has_query_bias(src):
+    biases = nonzero_biases(src)
+    if target == "engines":
+        if biases:
+            raise UnsupportedError(ENGINE_BIAS_MESSAGE.format(arch=_source_arch(src), names=", ".join(biases)))
+        if src.dtype == "F16":
+            raise UnsupportedError("float16 cannot hold the engine form's scaled latent rows (subnormal); convert with "
+                                   "--dtype bfloat16 or float32, or export --target transformers")
+        if abs(geo.eps - LATENT_NORM_EPS) > 1e-12:
+            if stream_scale(geo.eps, src.dtype) != 1.0:
+                warnings.append(f"rms_norm_eps {geo.eps:g} -> {LATENT_NORM_EPS:g} (the latent norm's eps in every runtime), "
+                                f"compensated exactly by scaling the residual stream by sqrt({LATENT_NORM_EPS:g}/{geo.eps:g})")
+            else:
+                warnings.append(f"rms_norm_eps {geo.eps:g} -> {LATENT_NORM_EPS:g} in every norm (every runtime must give the "
+                                f"latent norm the eps transformers hard-codes); the check's logit error includes it")
+    elif "q_proj.bias" in biases:
         if not query_bias_lora:
             raise UnsupportedError(QUERY_BIAS_MESSAGE.format(arch=_source_arch(src)))
         warnings.append(f"query bias carried through q_lora_rank = {geo.hidden + 1} (identity q_a_proj, pinned q_a_layernorm)")
@@ -161,24 +117,50 @@ def check_supported(src: GQLACheckpoint, query_bias_lora: bool = False) -> list[
         )
     if geo.tie_embeddings or "lm_head.weight" not in src.ckpt:
         warnings.append("tied embeddings written untied (lm_head.weight is a copy of model.embed_tokens.weight)")
+    if target == "engines":
+        hint = advice(engine_shape(src))
+        if hint:
+            warnings.append(hint)
     return warnings
 
 
-def rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:
+def engine_shape(src: GQLACheckpoint) -> MLAShape:
+    g = src.geo
+    return MLAShape(g.rank, g.d_rope, g.d_nope, g.d_v)
+
+
+def engine_support(shape: MLAShape) -> dict[str, Any]:
+    """What the serving engines make of ``shape`` (:mod:`transgqla.engines`), for results and configs."""
+    return {"shape": {"kv_lora_rank": shape.rank, "qk_rope_head_dim": shape.d_rope, "qk_nope_head_dim": shape.d_nope,
+                      "v_head_dim": shape.d_v},
+            "fast_decode_kernels": fast_kernels(shape), "vllm_prefill_accepts": vllm_prefill_ok(shape),
+            "kernels": {v.kernel: v.accepted for v in decode_support(shape)}, "advice": advice(shape)}
+
+
+def rope_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    """RoPE in both spellings: ``rope_theta`` + ``rope_scaling`` (v4, engines) and ``rope_parameters`` (v5)."""
     base, scaling = rope_settings(cfg)
     params: dict[str, Any] = {"rope_type": "default", "rope_theta": base}
+    legacy = None
     if scaling:
-        params.update({k: v for k, v in scaling.items() if k != "type"})
-        params["rope_type"] = scaling.get("rope_type", scaling.get("type", "default"))
-    return params
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        extra = {k: v for k, v in scaling.items() if k not in ("type", "rope_type")}
+        params.update(extra)
+        params["rope_type"] = kind
+        legacy = {"rope_type": kind, "type": kind, **extra}
+    return {"rope_theta": base, "rope_scaling": legacy, "rope_parameters": params}
 
 
-DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
-
-
-def deepseek_config(src: GQLACheckpoint, pins: list[NormPin], info: dict[str, Any]) -> dict[str, Any]:
+def deepseek_config(src: GQLACheckpoint, target: str, norms: list, info: dict[str, Any], beta: float = 1.0) -> dict[str, Any]:
     geo, cfg = src.geo, src.config
     inter = int(cfg["intermediate_size"])
+    engines = target == "engines"
+    how = ("linear regime: latent rows of kv_a_proj_with_mqa times alpha (a power of two), kv_a_layernorm weight "
+           "sqrt(1e-6)/alpha, rms_norm_eps 1e-6; residual_scale folded into kv_b_proj when residual_folded" if engines else
+           "kv_lora_rank = GQLA rank + 1; the last latent coordinate is the constant M (zero kv_a row, bias M, norm "
+           "weight 0, zero kv_b column) so kv_a_layernorm scales the GQLA latent by residual_scale (folded into "
+           "kv_b_proj when residual_folded)")
+    extra = {"engines": engine_support(engine_shape(src))} if engines else {}
     return {
         "architectures": ["DeepseekV3ForCausalLM"],
         "model_type": "deepseek_v3",
@@ -192,7 +174,7 @@ def deepseek_config(src: GQLACheckpoint, pins: list[NormPin], info: dict[str, An
         "first_k_dense_replace": geo.n_layers,
         "moe_layer_freq": 1,
         "moe_intermediate_size": inter,
-        "n_routed_experts": 1,
+        "n_routed_experts": 2,  # >= 2: llama.cpp asserts n_expert_groups (1) < n_expert
         "n_shared_experts": 1,
         "num_experts_per_tok": 1,
         "n_group": 1,
@@ -204,18 +186,18 @@ def deepseek_config(src: GQLACheckpoint, pins: list[NormPin], info: dict[str, An
         "ep_size": 1,
         "num_nextn_predict_layers": 0,
         "q_lora_rank": None,
-        "kv_lora_rank": geo.rank + 1,
+        "kv_lora_rank": geo.rank if engines else geo.rank + 1,
         "qk_nope_head_dim": geo.d_nope,
         "qk_rope_head_dim": geo.d_rope,
         "v_head_dim": geo.d_v,
         "head_dim": geo.d_rope,
         "rope_interleave": True,
-        "rope_parameters": rope_parameters(cfg),
+        **rope_fields(cfg),
         "max_position_embeddings": int(cfg.get("max_position_embeddings") or 4096),
         "hidden_act": geo.hidden_act,
-        "rms_norm_eps": geo.eps,
+        "rms_norm_eps": LATENT_NORM_EPS if engines else geo.eps,
         "initializer_range": float(cfg.get("initializer_range", 0.02)),
-        "attention_bias": True,
+        "attention_bias": not engines,
         "attention_dropout": 0.0,
         "tie_word_embeddings": False,
         "use_cache": True,
@@ -223,53 +205,26 @@ def deepseek_config(src: GQLACheckpoint, pins: list[NormPin], info: dict[str, An
         "eos_token_id": cfg.get("eos_token_id"),
         "pad_token_id": cfg.get("pad_token_id"),
         "dtype": DTYPE_NAMES[src.dtype],
+        "torch_dtype": DTYPE_NAMES[src.dtype],
         "transgqla": {
             **info,
-            "latent_norm": {
-                "how": "kv_lora_rank = GQLA rank + 1; the last latent coordinate is the constant M (zero kv_a row, "
-                       "bias M, norm weight 0, zero kv_b column) so kv_a_layernorm scales the GQLA latent by "
-                       "residual_scale (folded into kv_b_proj when residual_folded)",
-                "layers": [p.to_dict() for p in pins],
-            },
+            "target": target,
+            "source_rms_norm_eps": geo.eps,
+            "residual_stream_scale": beta,
+            "latent_norm": {"how": how, "layers": [p.to_dict() for p in norms]},
+            **extra,
             "gqla": {k: cfg["gqla"].get(k) for k in ("format_version", "source", "conversion")},
         },
     }
 
 
-def input_bound(src: GQLACheckpoint, layer: int) -> float:
-    """Max of ``|x|`` for the attention input ``x = ln_w * u``, ``|u| <= sqrt(D)``."""
-    ln = src.read64(f"model.layers.{layer}.input_layernorm.weight")
-    return (float(ln.abs().max()) if ln is not None else 1.0) * math.sqrt(src.geo.hidden)
-
-
-def query_lora(src: GQLACheckpoint, layer: int, pin: NormPin, tdt: torch.dtype) -> dict[str, torch.Tensor]:
-    """``q_a_proj`` (+bias), ``q_a_layernorm``, ``q_b_proj`` carrying ``q_proj`` and its bias exactly."""
-    d = src.geo.hidden
-    w_q = src.read64(src.attn(layer, "q_proj.weight"))
-    b_q = src.read64(src.attn(layer, "q_proj.bias"))
-    b_q = torch.zeros(w_q.shape[0], dtype=torch.float64) if b_q is None else b_q
-    q_a = torch.cat((torch.eye(d, dtype=tdt), torch.zeros(1, d, dtype=tdt)))
-    q_a_bias = torch.zeros(d + 1, dtype=torch.float64)
-    q_a_bias[-1] = pin.bias
-    norm_w = torch.full((d + 1,), pin.weight, dtype=torch.float64)
-    norm_w[-1] = 1.0
-    u = math.sqrt(d + 1) * pin.bias / math.sqrt(pin.bias**2 + (d + 1) * LATENT_NORM_EPS)
-    w = src.ckpt.read(src.attn(layer, "q_proj.weight"))
-    if pin.folded:
-        w = (w_q / pin.scale).to(tdt)
-    q_b = torch.cat((w.to(tdt), (b_q / u).to(tdt)[:, None]), dim=1)
-    return {"q_a_proj.weight": q_a, "q_a_proj.bias": q_a_bias.to(tdt), "q_a_layernorm.weight": norm_w.to(tdt),
-            "q_b_proj.weight": q_b}
-
-
-def write_deepseek(src: GQLACheckpoint, folder: Path, max_shard_bytes: int, warnings: list[str],
-                   query_bias_lora: bool = False) -> dict[str, Any]:
-    geo, dtype = src.geo, src.dtype
-    tdt = to_torch_dtype(dtype)
-    r1, m = geo.rank + 1, geo.heads_per_group
-    pins = [pin_norm(latent_bound(src, l), r1, dtype) for l in range(geo.n_layers)]
-    use_q_lora = query_bias_lora and has_query_bias(src)
-    q_pins = [pin_norm(input_bound(src, l), geo.hidden + 1, dtype) for l in range(geo.n_layers)] if use_q_lora else []
+def _attention_shapes(src: GQLACheckpoint, target: str, use_q_lora: bool) -> dict[str, tuple[int, ...]]:
+    geo = src.geo
+    if target == "engines":
+        r = geo.rank
+        return {"kv_a_proj_with_mqa.weight": (r + geo.d_rope, geo.hidden), "kv_a_layernorm.weight": (r,),
+                "kv_b_proj.weight": (geo.n_heads * (geo.d_nope + geo.d_v), r)}
+    r1 = geo.rank + 1
     shapes = {
         "kv_a_proj_with_mqa.weight": (r1 + geo.d_rope, geo.hidden),
         "kv_a_proj_with_mqa.bias": (r1 + geo.d_rope,),
@@ -281,6 +236,36 @@ def write_deepseek(src: GQLACheckpoint, folder: Path, max_shard_bytes: int, warn
         dq = geo.d_nope + geo.d_rope
         shapes.update({"q_a_proj.weight": (geo.hidden + 1, geo.hidden), "q_a_proj.bias": (geo.hidden + 1,),
                        "q_a_layernorm.weight": (geo.hidden + 1,), "q_b_proj.weight": (geo.n_heads * dq, geo.hidden + 1)})
+    return shapes
+
+
+def stream_scale(eps: float, dtype: str) -> float:
+    """``beta`` that makes every ``rms_norm_eps = 1e-6`` norm act as one with the source's ``eps`` (1: none).
+
+    RMSNorm is scale-free but for its eps: ``RMSNorm(beta h; e) = w h / sqrt(mean(h^2) + e / beta^2)``. With the
+    residual stream scaled by ``beta = sqrt(1e-6 / eps)`` (the embedding and every ``o_proj`` / ``down_proj``
+    times ``beta``; attention and MLP inputs are normalized, so nothing else changes; ``lm_head`` reads the
+    final norm's output, unscaled) each norm sees ``eps`` again, exactly. Done for float32/float64 weights
+    only: rounding those three matrices to bfloat16 again costs more than the eps change (measured on the
+    demo, float32 compute: relative logit error 1.9e-2 rescaled, 2.0e-3 with the eps change alone).
+    """
+    if dtype not in ("F32", "F64") or abs(eps - LATENT_NORM_EPS) <= 1e-12:
+        return 1.0
+    return math.sqrt(LATENT_NORM_EPS / eps)
+
+
+def write_deepseek(src: GQLACheckpoint, folder: Path, max_shard_bytes: int, warnings: list[str],
+                   target: str = "engines", query_bias_lora: bool = False) -> dict[str, Any]:
+    geo, dtype = src.geo, src.dtype
+    tdt = to_torch_dtype(dtype)
+    engines = target == "engines"
+    if engines:
+        norms = [linear_norm(latent_bound(src, l), geo.rank, dtype) for l in range(geo.n_layers)]
+    else:
+        norms = [pin_norm(latent_bound(src, l), geo.rank + 1, dtype) for l in range(geo.n_layers)]
+    use_q_lora = not engines and query_bias_lora and has_query_bias(src)
+    q_pins = [pin_norm(input_bound(src, l), geo.hidden + 1, dtype) for l in range(geo.n_layers)] if use_q_lora else []
+    shapes = _attention_shapes(src, target, use_q_lora)
     specs = [src.ckpt.spec(n) for n in src.ckpt.names
              if _PASS_THROUGH.match(n) and not (use_q_lora and n.endswith("self_attn.q_proj.weight"))]
     aliases = {}
@@ -293,38 +278,19 @@ def write_deepseek(src: GQLACheckpoint, folder: Path, max_shard_bytes: int, warn
     specs.sort(key=lambda s: natural_key(s.name))
 
     def compute(layer: int) -> dict[str, torch.Tensor]:
-        pin = pins[layer]
-        a = src.ckpt.read(src.attn(layer, "kv_a_proj_with_mqa.weight"))
-        zero_row = torch.zeros(1, geo.hidden, dtype=a.dtype)
-        kv_a = torch.cat((a[: geo.rank], zero_row, a[geo.rank :]))
-        a_bias = src.read64(src.attn(layer, "kv_a_proj_with_mqa.bias"))
-        if a_bias is None:
-            a_bias = torch.zeros(geo.rank + geo.d_rope, dtype=torch.float64)
-        kv_a_bias = torch.cat((a_bias[: geo.rank], torch.tensor([pin.bias], dtype=torch.float64), a_bias[geo.rank :]))
-        norm_w = torch.full((r1,), pin.weight, dtype=torch.float64)
-        norm_w[-1] = 0.0
-        b = src.ckpt.read(src.attn(layer, "kv_b_proj.weight")).view(geo.n_groups, geo.d_nope + geo.d_v, geo.rank)
-        if pin.folded:
-            b = (b.to(torch.float64) / pin.scale).to(tdt)
-        b = b.repeat_interleave(m, dim=0)  # head h <- group h // m
-        kv_b = torch.cat((b, torch.zeros(geo.n_heads, geo.d_nope + geo.d_v, 1, dtype=b.dtype)), dim=2)
-        o_bias = src.read64(src.attn(layer, "o_proj.bias"))
-        o_bias = torch.zeros(geo.hidden, dtype=torch.float64) if o_bias is None else o_bias
-        b_bias = src.read64(src.attn(layer, "kv_b_proj.bias"))
-        if b_bias is not None:  # value bias through o_proj (probabilities sum to 1); key bias: softmax-invariant
-            b_v = b_bias.view(geo.n_groups, geo.d_nope + geo.d_v)[:, geo.d_nope :].repeat_interleave(m, dim=0)
-            o_bias = o_bias + src.read64(src.attn(layer, "o_proj.weight")) @ b_v.reshape(-1)
-        out = {
-            "kv_a_proj_with_mqa.weight": kv_a, "kv_a_proj_with_mqa.bias": kv_a_bias, "kv_a_layernorm.weight": norm_w,
-            "kv_b_proj.weight": kv_b.reshape(-1, r1), "o_proj.bias": o_bias,
-        }
+        out = engines_layer(src, layer, norms[layer]) if engines else pinned_layer(src, layer, norms[layer])
         if use_q_lora:
             out.update(query_lora(src, layer, q_pins[layer], tdt))
         return {src.attn(layer, k): v.to(tdt).contiguous() for k, v in out.items()}
 
-    files = write_planned(src, folder, specs, computed, compute, max_shard_bytes, aliases=aliases)
-    info = export_info(src, format="deepseek", path="absorb", folded=False, warnings=warnings)
-    config = deepseek_config(src, pins, info)
+    beta = stream_scale(geo.eps, dtype) if engines else 1.0
+    scales = {}
+    if beta != 1.0:
+        scales = {s.name: beta for s in specs if s.name not in computed and s.name not in aliases and
+                  (s.name == "model.embed_tokens.weight" or s.name.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight")))}
+    files = write_planned(src, folder, specs, computed, compute, max_shard_bytes, aliases=aliases, scales=scales)
+    info = export_info(src, format="deepseek", path="absorb", target=target, folded=False, warnings=warnings)
+    config = deepseek_config(src, target, norms, info, beta)
     if use_q_lora:
         config["q_lora_rank"] = geo.hidden + 1
         config["transgqla"]["query_norm"] = {
@@ -333,10 +299,17 @@ def write_deepseek(src: GQLACheckpoint, folder: Path, max_shard_bytes: int, warn
             "layers": [p.to_dict() for p in q_pins],
         }
     finish(src, folder, config, files, remote_code=False, export_info={k: v for k, v in info.items() if k != "warnings"})
-    worst = max(p.worst_rel_error for p in pins + q_pins)
-    return {
+    everything = norms + q_pins
+    details: dict[str, Any] = {
+        "target": target,
         "tensors_written": len(specs), "bytes_written": sum(s.nbytes for s in specs), "tensors_byte_identical": False,
-        "cache_values_per_token": r1 + geo.d_rope,
-        "latent_norm": {"worst_case_rel_error": worst, "max_residual_scale_error": max(abs(p.scale - 1) for p in pins + q_pins),
-                        "residual_folded_layers": sum(p.folded for p in pins + q_pins), "query_lora": use_q_lora},
+        "cache_values_per_token": geo.rank + geo.d_rope + (0 if engines else 1),
+        "latent_norm": {"form": "linear" if engines else "constant coordinate",
+                        "worst_case_rel_error": max(p.worst_rel_error for p in everything),
+                        "max_residual_scale_error": max(abs(p.scale - 1) for p in everything),
+                        "residual_folded_layers": sum(p.folded for p in everything), "query_lora": use_q_lora},
     }
+    if engines:
+        details["engines"] = engine_support(engine_shape(src))
+        details["residual_stream_scale"] = beta
+    return details

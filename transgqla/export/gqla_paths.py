@@ -95,7 +95,8 @@ def write_same(src: GQLACheckpoint, folder: Path, path: str) -> dict[str, Any]:
     config["gqla"]["export"] = info
     finish(src, folder, config, files, remote_code=True, export_info=info)
     return {"tensors_written": len(src.ckpt.names), "bytes_written": sum(src.ckpt.spec(n).nbytes for n in src.ckpt.names),
-            "tensors_byte_identical": True, "cache_values_per_token": src.geo.cache_values_per_token(path)}
+            "tensors_byte_identical": True, "cache_values_per_token": src.geo.cache_values_per_token(path),
+            "weight_files": weight_files}
 
 
 def fold_layer(src: GQLACheckpoint, layer: int) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ import torch
 
 from ..errors import InputError
 from ..io import SafetensorsCheckpoint, ShardedWriter
+from ..io.safetensors_format import to_torch_dtype
 from ..model.geometry import GQLAGeometry
 
 MANIFEST = "transgqla-manifest.json"
@@ -22,6 +23,7 @@ COPIED_FILES = re.compile(
     r"generation_config\.json|chat_template.*|.*\.tiktoken|tokenizer\.model)$"
 )
 ATTN = "model.layers.{}.self_attn."
+COPY_BUFFER_BYTES = 64 * 1024**2
 
 
 @dataclass
@@ -115,17 +117,28 @@ def open_gqla(folder: Path) -> GQLACheckpoint:
     return GQLACheckpoint(folder, config, geo, ckpt, dtype)
 
 
+def scaled_pieces(ckpt: SafetensorsCheckpoint, name: str, factor: float, buffer: bytearray):
+    """The tensor's bytes multiplied by ``factor`` (float64 for float32 data, float32 for half precision) and
+    rounded back to its dtype, piece by piece through ``buffer`` (bounded memory for a multi-GB embedding)."""
+    dtype = to_torch_dtype(ckpt.spec(name).dtype)
+    wide = torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+    for piece in ckpt.iter_bytes(name, buffer):
+        x = torch.frombuffer(piece, dtype=dtype)
+        yield (x.to(wide) * factor).to(dtype).view(torch.uint8).numpy()
+
+
 def write_planned(src: GQLACheckpoint, folder: Path, specs, computed: set[str], compute: Callable[[int], dict],
                   max_shard_bytes: int, aliases: dict[str, str] | None = None,
-                  metadata: dict[str, str] | None = None) -> dict[str, str]:
+                  metadata: dict[str, str] | None = None, scales: dict[str, float] | None = None) -> dict[str, str]:
     """Stream ``specs`` (in write order) into safetensors shards + index under ``folder``.
 
     Names in ``computed`` come from ``compute(layer)`` (``{full name: tensor in the planned dtype}``,
     called once per layer, one layer held at a time; computed names must be layer tensors). Every
-    other tensor is copied byte for byte from OUT, from ``aliases.get(name, name)``. Returns
-    ``{file: sha256}``.
+    other tensor is copied from OUT's ``aliases.get(name, name)`` through a 64 MiB buffer: byte for byte,
+    or multiplied by ``scales[name]`` when listed. Returns ``{file: sha256}``.
     """
-    aliases = aliases or {}
+    aliases, scales = aliases or {}, scales or {}
+    buffer = bytearray(COPY_BUFFER_BYTES)
     writer = ShardedWriter(folder, specs, max_shard_bytes, metadata or {})
     current: tuple[int, dict] | None = None
     try:
@@ -135,8 +148,12 @@ def write_planned(src: GQLACheckpoint, folder: Path, specs, computed: set[str], 
                 if current is None or current[0] != layer:
                     current = (layer, compute(layer))
                 writer.write(spec.name, current[1][spec.name])
+                continue
+            origin = aliases.get(spec.name, spec.name)
+            if spec.name in scales:
+                writer.write_stream(spec.name, scaled_pieces(src.ckpt, origin, scales[spec.name], buffer))
             else:
-                writer.write(spec.name, src.ckpt.read_bytes(aliases.get(spec.name, spec.name)))
+                writer.write_stream(spec.name, src.ckpt.iter_bytes(origin, buffer))
         return writer.close()
     except BaseException:
         writer.abort()

@@ -1,7 +1,9 @@
 """Calibration and evaluation text -> token windows ``[n, seqlen]``.
 
-Text comes from files (plain text, or JSONL with a ``text`` field) or from the built-in offline texts
-(``builtin:calib``, ``builtin:eval``: CPython's own documentation, see :mod:`transgqla.texts`). It is
+Text comes from files (plain text, or JSONL with a ``text`` field) or from the built-in offline texts:
+``builtin:calib``, ``builtin:eval`` (CPython's own documentation, :mod:`transgqla.texts`) and
+``builtin:prose-calib``, ``builtin:prose-eval`` (general English from Debian's fortunes,
+:mod:`transgqla.prose`). It is
 tokenized with the source's ``tokenizer.json`` (the ``tokenizers`` package), without special tokens,
 as one stream cut into non-overlapping windows of ``seqlen`` tokens; a short tail is dropped.
 """

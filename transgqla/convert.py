@@ -103,6 +103,7 @@ class ConvertRequest:
     force: bool = False
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
     resume: bool = False  # continue from OUT's staging folder when its journal matches this plan
+    refine: int | None = None  # refinement steps per layer (None: the recipe's or the default)
 
 
 @dataclass
@@ -203,6 +204,7 @@ def plan_conversion(request: ConvertRequest) -> ConversionPlan:
         calib=",".join(calib) if calib else "none",
         method=request.method,
         dtype=out_dtype,
+        refine=request.refine,
     )
     windows = None
     if calib:
@@ -382,6 +384,14 @@ def _layer_converter(plan: ConversionPlan):
                                sequential=plan.request.sequential, device=plan.request.device)
 
 
+def _calibration_record(plan: ConversionPlan) -> dict[str, Any] | None:
+    if plan.windows is None:
+        return None
+    from .calib.text import windows_record
+
+    return windows_record(plan.windows, plan.settings.calib.split(","))
+
+
 def _cast_converter(convert_layer, out_dtype: torch.dtype):
     """The prefetcher's work: one layer's report and its tensors, already cast and contiguous (the
     full-precision tensors are freed on the worker, not kept alive while the writer copies)."""
@@ -482,7 +492,8 @@ def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> Co
             files[code] = copy_file_hashed(Path(hf_remote.__file__).parent / code, staged.path / code)
         layer_reports = [reports[l] for l in sorted(reports)]
         config = build_config(plan.source_config, plan.geo, s, plan.identity, layer_reports,
-                              o_proj_bias=plan.geo.family.tensor(0, "o", "bias") in plan.checkpoint)
+                              o_proj_bias=plan.geo.family.tensor(0, "o", "bias") in plan.checkpoint,
+                              calibration=_calibration_record(plan))
         config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
         write_file_atomic(staged.path / "config.json", config_bytes)
         files["config.json"] = hashlib.sha256(config_bytes).hexdigest()

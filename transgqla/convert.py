@@ -56,7 +56,7 @@ from .source_geometry import SourceGeometry, read_geometry
 
 Progress = Callable[[str, int, int], None]
 MANIFEST = "transgqla-manifest.json"
-AUTO_CALIB, BUILTIN_CALIB = "auto", "builtin:calib"
+AUTO_CALIB = "auto"
 REMOTE_CODE = ("configuration_gqla.py", "modeling_gqla.py")
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 COPIED_FILES = re.compile(
@@ -92,7 +92,7 @@ class ConvertRequest:
     qk_rope_dim: int | None = None
     freqfold: str | None = None
     recipe: str | None = None
-    calib: list[str] | None = None  # text files or builtin:NAME; None = data-free; ["auto"] (the CLI's default)
+    calib: list[str] | None = None  # files, builtin:NAME, hf:REPO[:CONFIG[:SPLIT]], self (calib/sources.py); None = data-free; ["auto"] (the CLI's default)
     calib_tokens: int = 16384
     calib_seqlen: int = 512
     method: str | None = None  # pca | transmla | gqla (default: gqla with calibration, pca without)
@@ -193,8 +193,10 @@ def plan_conversion(request: ConvertRequest) -> ConversionPlan:
     else:
         out_dtype = request.dtype
     calib = request.calib
-    if calib == [AUTO_CALIB]:  # calibrate on the built-in text when the source has a tokenizer
-        calib = [BUILTIN_CALIB] if (path / "tokenizer.json").is_file() else None
+    if calib == [AUTO_CALIB]:  # the most general text available offline, when the source has a tokenizer
+        from .calib.sources import resolve_auto
+
+        calib = resolve_auto(path)
     settings = resolve_settings(
         geo,
         kv_lora_rank=request.kv_lora_rank,
@@ -208,9 +210,9 @@ def plan_conversion(request: ConvertRequest) -> ConversionPlan:
     )
     windows = None
     if calib:
-        from .calib.text import load_tokenizer, read_text, token_windows
+        from .calib.sources import calibration_windows
 
-        windows = token_windows(read_text(calib), load_tokenizer(path), request.calib_seqlen, request.calib_tokens)
+        windows = calibration_windows(calib, path, request.calib_seqlen, request.calib_tokens, request.device).windows
     replaced = {fam.tensor(l, p, k) for l in range(geo.n_layers) for p in ATTN_SOURCE_PARTS for k in ("weight", "bias")}
     outputs = [ckpt.spec(n) for n in ckpt.names if n not in replaced and not DROPPED_TENSORS.search(n)]
     shapes = _output_shapes(geo, settings)

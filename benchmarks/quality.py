@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/transgqla-quality")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "quality-cross-domain.json"))
     ap.add_argument("--skip-forward", action="store_true", help="Do not measure F.")
+    ap.add_argument("--source-from", help="Reuse the source perplexities of an earlier result JSON (same texts).")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -89,8 +90,12 @@ def main() -> None:
                                         "--max-tokens", str(args.eval_tokens), "--device", "cpu", "--json"])
         return doc["perplexity"]
 
+    if args.source_from:
+        source_ppl = json.loads(Path(args.source_from).read_text())["source_ppl"]
+    else:
+        source_ppl = {d: ppl(SOURCE, d) for d in DOMAINS}
     result: dict = {"model": SOURCE, "calib_tokens": args.calib_tokens, "eval_tokens": args.eval_tokens,
-                    "domains": DOMAINS, "source_ppl": {d: ppl(SOURCE, d) for d in DOMAINS}, "rows": []}
+                    "domains": DOMAINS, "source_ppl": source_ppl, "rows": []}
     print(f"source perplexity {result['source_ppl']}", flush=True)
     if not args.skip_forward:
         result["forward_pass_s"] = {d: round(forward_seconds(DOMAINS[d][0], args.calib_tokens), 1)

@@ -14,6 +14,8 @@ text is the cross-domain figure, its own the in-domain one. A variant is a metho
 (wall time and peak RSS are that process's); perplexity uses non-overlapping 512-token windows
 (``transgqla eval-ppl``). F, the cost of one calibration forward pass (what refinement may add at
 most), is measured in this process on the same tokens, one thread as the converter's layer math.
+Wall and CPU seconds are both recorded: on a machine shared with other work, CPU seconds are the
+figure to compare.
 Rows are written to the JSON file as they finish, so an interrupted run keeps what it measured.
 """
 
@@ -32,8 +34,9 @@ SOURCE = "demo:smollm2-135m"
 GQA_CACHE = 384  # SmolLM2-135M: 2 n_g d = 2 * 3 * 64 values per token per layer
 
 
-def run_measured(cmd: list[str]) -> tuple[dict, float, int]:
-    """Run ``cmd`` and return its JSON stdout, wall seconds and peak RSS bytes (ru_maxrss of the child)."""
+def run_measured(cmd: list[str]) -> tuple[dict, float, int, float]:
+    """Run ``cmd``; return its JSON stdout, wall seconds, peak RSS bytes (ru_maxrss of the child) and CPU
+    seconds (user + system: on a shared machine far steadier than wall time)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     out = proc.stdout.read()
@@ -41,10 +44,10 @@ def run_measured(cmd: list[str]) -> tuple[dict, float, int]:
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}")
-    return json.loads(out), wall, usage.ru_maxrss * 1024
+    return json.loads(out), wall, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
 
 
-def forward_seconds(calib_text: str, tokens: int) -> float:
+def forward_seconds(calib_text: str, tokens: int) -> tuple[float, float]:
     """F: one layer-by-layer calibration forward pass of the source over the calibration windows."""
     import torch
 
@@ -59,11 +62,11 @@ def forward_seconds(calib_text: str, tokens: int) -> float:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         runner = LayerwiseCalibration(SafetensorsCheckpoint(folder), config, windows)
         for layer in range(int(config["num_hidden_layers"])):
             runner.advance(layer)
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
     finally:
         torch.set_num_threads(threads)
 
@@ -86,7 +89,7 @@ def main() -> None:
     dest = Path(args.out)
 
     def ppl(model: str, domain: str) -> float:
-        doc, _, _ = run_measured(exe + ["eval-ppl", model, "--text", DOMAINS[domain][1], "--seqlen", "512",
+        doc, *_ = run_measured(exe + ["eval-ppl", model, "--text", DOMAINS[domain][1], "--seqlen", "512",
                                         "--max-tokens", str(args.eval_tokens), "--device", "cpu", "--json"])
         return doc["perplexity"]
 
@@ -98,9 +101,9 @@ def main() -> None:
                     "domains": DOMAINS, "source_ppl": source_ppl, "rows": []}
     print(f"source perplexity {result['source_ppl']}", flush=True)
     if not args.skip_forward:
-        result["forward_pass_s"] = {d: round(forward_seconds(DOMAINS[d][0], args.calib_tokens), 1)
-                                    for d in args.calib_domains.split(",")[:1]}
-        print(f"calibration forward pass F: {result['forward_pass_s']} s", flush=True)
+        wall, cpu = forward_seconds(DOMAINS[args.calib_domains.split(",")[0]][0], args.calib_tokens)
+        result["forward_pass"] = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}
+        print(f"calibration forward pass F: {result['forward_pass']}", flush=True)
 
     def save() -> None:
         result["load_avg"] = os.getloadavg()
@@ -117,22 +120,22 @@ def main() -> None:
                              "--calib-tokens", str(args.calib_tokens), "--refine", refine or "0"]
                 if method == "transmla":
                     cmd += ["--freqfold", "4"]
-                _, wall, rss = run_measured(cmd)
+                _, wall, rss, cpu = run_measured(cmd)
                 ppls = {d: ppl(str(out), d) for d in DOMAINS}
                 row = {"budget": budget, "cache_share": round((rank + rope) / GQA_CACHE, 3), "variant": variant,
                        "calib": calib, "ppl": ppls, "ratio": {d: ppls[d] / result["source_ppl"][d] for d in DOMAINS},
-                       "convert_s": round(wall, 1), "peak_rss_gb": round(rss / 1e9, 2)}
+                       "convert_s": round(wall, 1), "convert_cpu_s": round(cpu, 1), "peak_rss_gb": round(rss / 1e9, 2)}
                 result["rows"].append(row)
                 save()
                 print(json.dumps(row), flush=True)
     save()
     print()
-    print("| KV budget | variant | calibrated on | ppl docs | ppl prose | cross-domain ratio | in-domain ratio | convert (s) | peak RSS (GB) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| KV budget | variant | calibrated on | ppl docs | ppl prose | cross-domain ratio | in-domain ratio | convert wall (s) | convert CPU (s) | peak RSS (GB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in result["rows"]:
         other = next(d for d in DOMAINS if d != r["calib"])
         print(f"| {r['budget']} ({100 * r['cache_share']:.0f}%) | {r['variant']} | {r['calib']} | {r['ppl']['docs']:.2f} | "
-              f"{r['ppl']['prose']:.2f} | {r['ratio'][other]:.2f} | {r['ratio'][r['calib']]:.2f} | {r['convert_s']} | {r['peak_rss_gb']} |")
+              f"{r['ppl']['prose']:.2f} | {r['ratio'][other]:.2f} | {r['ratio'][r['calib']]:.2f} | {r['convert_s']} | {r.get('convert_cpu_s', '-')} | {r['peak_rss_gb']} |")
     print(f"\nwritten {dest}")
 
 

@@ -3,13 +3,16 @@ that it lowers the layer objective, keeps both decode paths equal, and is determ
 
 from __future__ import annotations
 
+import hashlib
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from helpers import load_decoder, rel_err, run_convert
 from test_calibration import make_tokenizer, tiny_text
+from transgqla.calib.text import load_tokenizer
 from transgqla.calib.refine import RefineSettings, gqla_output, refine_attention, source_output
 from transgqla.errors import InputError
 from transgqla.model.attention import KVCache, attention
@@ -119,7 +122,9 @@ def test_refined_conversion_keeps_path_equivalence_and_records_it(source_factory
     cfg = json.loads((tmp_path / "refined" / "config.json").read_text())
     assert cfg["gqla"]["conversion"]["refine"] == 30
     calib = cfg["gqla"]["conversion"]["calibration"]
-    assert calib["text_sources"] == [str(text)] and calib["windows"] == [16, 64] and len(calib["windows_sha256"]) == 64
+    assert calib["text_sources"] == [str(text)] and calib["windows"] == [16, 64] and calib["tokens"] == 1024
+    ids = load_tokenizer(src).encode(text.read_text(), add_special_tokens=False).ids[:1024]
+    assert calib["windows_sha256"] == hashlib.sha256(np.asarray(ids, dtype="<i8").tobytes()).hexdigest()
     dec = load_decoder(tmp_path / "refined")
     ids = torch.randint(0, 101, (2, 24), generator=torch.Generator().manual_seed(0))
     absorb = dec.forward(ids, dec.new_cache("absorb"))

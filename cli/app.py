@@ -91,11 +91,12 @@ def convert(
     kv_lora_rank: Optional[int] = typer.Option(None, "--kv-lora-rank", help="Latent rank r (default: recipe, else ~28% cache rule)."),
     qk_rope_dim: Optional[int] = typer.Option(None, "--qk-rope-dim", help="RoPE key dims d_R (default: recipe, else head_dim/2)."),
     freqfold: Optional[str] = typer.Option(None, "--freqfold", help="Frequencies per PCA block, or 'auto'."),
-    calib: list[str] = typer.Option(["auto"], "--calib", help="Calibration text: a .txt/.jsonl file (repeatable), builtin:calib, 'none' (statistics from the weights alone), or 'auto' (builtin:calib when the source has tokenizer.json, else none)."),
+    calib: list[str] = typer.Option(["auto"], "--calib", help="Calibration source (repeatable; several mix with an even token budget): a .txt/.jsonl file, builtin:calib (Python docs), builtin:prose-calib (general English, Debian's fortunes), hf:REPO[:CONFIG[:SPLIT]] (a dataset already in the local Hugging Face cache), self (text the source samples itself; one forward per token), 'none' (statistics from the weights alone), or 'auto' (the most general source available offline, said on stderr; none without tokenizer.json)."),
     calib_tokens: int = typer.Option(16384, "--calib-tokens", help="Calibration tokens to use at most."),
     calib_seqlen: int = typer.Option(512, "--calib-seqlen", help="Calibration window length in tokens."),
     method: Optional[str] = typer.Option(None, "--method", help="pca (data-free) | transmla | gqla (default with --calib)."),
     sequential: bool = typer.Option(False, "--sequential", help="Calibrate layer l on the outputs of converted layers < l."),
+    refine: Optional[int] = typer.Option(None, "--refine", help="Gradient steps per layer fitting the converted attention's output to the source's on the calibration text (0 = closed form only; default: recipe, else 0)."),
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda: where calibration and the layer math run (auto: CUDA when available)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Built-in recipe name or a TOML file."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16|float16|float32 for converted tensors (default: source's)."),
@@ -116,6 +117,7 @@ def convert(
             recipe=recipe, calib=None if calib == ["none"] else calib, calib_tokens=calib_tokens,
             calib_seqlen=calib_seqlen, method=method, sequential=sequential, device=_device(device), dtype=dtype,
             revision=revision, force=force, max_shard_bytes=int(max_shard_size * 1e9), resume=resume,
+            refine=refine,
         )
         plan = plan_conversion(request)
         if dry_run:

@@ -106,9 +106,10 @@ def test_dry_run_writes_nothing(source_factory, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_calib_auto_uses_builtin_text_when_a_tokenizer_exists(source_factory, tmp_path):
+def test_calib_auto_uses_builtin_text_when_a_tokenizer_exists(source_factory, tmp_path, monkeypatch):
     from test_calibration import make_tokenizer
 
+    monkeypatch.setenv("TRANSGQLA_FORTUNE_DIR", str(tmp_path / "no-fortunes"))  # auto: documentation alone
     src, _ = source_factory("llama", layers=1)
     r = invoke("convert", src, tmp_path / "plain", "--kv-lora-rank", 24, "--qk-rope-dim", 8, "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["settings"]["calib"] == "none"

@@ -56,7 +56,7 @@ from .source_geometry import SourceGeometry, read_geometry
 
 Progress = Callable[[str, int, int], None]
 MANIFEST = "transgqla-manifest.json"
-AUTO_CALIB, BUILTIN_CALIB = "auto", "builtin:calib"
+AUTO_CALIB = "auto"
 REMOTE_CODE = ("configuration_gqla.py", "modeling_gqla.py")
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 COPIED_FILES = re.compile(
@@ -92,7 +92,7 @@ class ConvertRequest:
     qk_rope_dim: int | None = None
     freqfold: str | None = None
     recipe: str | None = None
-    calib: list[str] | None = None  # text files or builtin:NAME; None = data-free; ["auto"] (the CLI's default)
+    calib: list[str] | None = None  # files, builtin:NAME, hf:REPO[:CONFIG[:SPLIT]], self (calib/sources.py); None = data-free; ["auto"] (the CLI's default)
     calib_tokens: int = 16384
     calib_seqlen: int = 512
     method: str | None = None  # pca | transmla | gqla (default: gqla with calibration, pca without)
@@ -103,6 +103,7 @@ class ConvertRequest:
     force: bool = False
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
     resume: bool = False  # continue from OUT's staging folder when its journal matches this plan
+    refine: int | None = None  # refinement steps per layer (None: the recipe's or the default)
 
 
 @dataclass
@@ -193,13 +194,11 @@ def plan_conversion(request: ConvertRequest) -> ConversionPlan:
     else:
         out_dtype = request.dtype
     calib, notes = request.calib, []
-    if calib == [AUTO_CALIB]:  # calibrate on the built-in text when the source has a tokenizer
-        if request.method == "pca":  # data-free by definition, whatever files the source ships
-            calib = None
-        elif (path / "tokenizer.json").is_file():
-            calib = [BUILTIN_CALIB]
-        else:
-            calib = None
+    if calib == [AUTO_CALIB]:  # the most general text available offline, when the source has a tokenizer
+        from .calib.sources import resolve_auto
+
+        calib = None if request.method == "pca" else resolve_auto(path)  # pca is data-free by definition
+        if calib is None and request.method != "pca":
             notes.append("--calib auto: the source has no tokenizer.json, so this conversion falls back to "
                          "weights-only statistics (data-free, method pca); pass --calib FILE with a source that "
                          "has a tokenizer for a calibrated conversion, or --calib none to silence this")
@@ -212,12 +211,13 @@ def plan_conversion(request: ConvertRequest) -> ConversionPlan:
         calib=",".join(calib) if calib else "none",
         method=request.method,
         dtype=out_dtype,
+        refine=request.refine,
     )
     windows = None
     if calib:
-        from .calib.text import load_tokenizer, read_text, token_windows
+        from .calib.sources import calibration_windows
 
-        windows = token_windows(read_text(calib), load_tokenizer(path), request.calib_seqlen, request.calib_tokens)
+        windows = calibration_windows(calib, path, request.calib_seqlen, request.calib_tokens, request.device).windows
     replaced = {fam.tensor(l, p, k) for l in range(geo.n_layers) for p in ATTN_SOURCE_PARTS for k in ("weight", "bias")}
     outputs = [ckpt.spec(n) for n in ckpt.names if n not in replaced and not DROPPED_TENSORS.search(n)]
     shapes = _output_shapes(geo, settings)
@@ -392,6 +392,14 @@ def _layer_converter(plan: ConversionPlan):
                                sequential=plan.request.sequential, device=plan.request.device)
 
 
+def _calibration_record(plan: ConversionPlan) -> dict[str, Any] | None:
+    if plan.windows is None:
+        return None
+    from .calib.text import windows_record
+
+    return windows_record(plan.windows, plan.settings.calib.split(","))
+
+
 def _cast_converter(convert_layer, out_dtype: torch.dtype):
     """The prefetcher's work: one layer's report and its tensors, already cast and contiguous (the
     full-precision tensors are freed on the worker, not kept alive while the writer copies)."""
@@ -492,7 +500,8 @@ def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> Co
             files[code] = copy_file_hashed(Path(hf_remote.__file__).parent / code, staged.path / code)
         layer_reports = [reports[l] for l in sorted(reports)]
         config = build_config(plan.source_config, plan.geo, s, plan.identity, layer_reports,
-                              o_proj_bias=plan.geo.family.tensor(0, "o", "bias") in plan.checkpoint)
+                              o_proj_bias=plan.geo.family.tensor(0, "o", "bias") in plan.checkpoint,
+                              calibration=_calibration_record(plan))
         config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
         write_file_atomic(staged.path / "config.json", config_bytes)
         files["config.json"] = hashlib.sha256(config_bytes).hexdigest()

@@ -39,6 +39,7 @@ def build_config(
     layer_reports: list[dict[str, float]],
     decode_path: str = "absorb",
     o_proj_bias: bool = False,
+    calibration: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     cfg = {k: v for k, v in source_config.items() if k not in ("auto_map", "_name_or_path", "transformers_version")}
     cfg.update(
@@ -60,7 +61,8 @@ def build_config(
         "decode_path": decode_path,
         "cache_values_per_token": cache_sizes(geo, settings),
         "source": {**source_identity, "architecture": geo.architecture, "model_type": source_config.get("model_type")},
-        "conversion": {"tool": "transgqla", "tool_version": __version__, **settings.to_dict()},
+        "conversion": {"tool": "transgqla", "tool_version": __version__, **settings.to_dict(),
+                       "calibration": calibration},
         "layers": layer_reports,
     }
     return cfg

@@ -12,6 +12,7 @@ from dataclasses import replace
 import torch
 
 from .calib.methods import LayerContext, convert_layer
+from .calib.refine import refine_layer
 from .calib.runner import LayerwiseCalibration
 from .io import SafetensorsCheckpoint
 from .mathx.gqla_layer import ConvertedAttention, LayerSettings, SourceAttention, convert_attention
@@ -81,6 +82,8 @@ class CalibratedConverter:
         )
         conv = convert_layer(src, calib, self.layer_settings, self.settings.method, ctx,
                              search_freqfold=self.settings.freqfold_requested == "auto")
+        if self.settings.refine:
+            conv = refine_layer(self.runner, layer, conv, self.gqla_config, self.settings)
         self.runner.advance(layer, conv.tensors, self.gqla_config)
         return conv
 

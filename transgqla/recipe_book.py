@@ -17,7 +17,7 @@ from typing import Any
 from .errors import InputError
 from .source_geometry import SourceGeometry
 
-SETTING_KEYS = ("kv_lora_rank", "qk_rope_head_dim", "freqfold", "balance_kv", "method")
+SETTING_KEYS = ("kv_lora_rank", "qk_rope_head_dim", "freqfold", "balance_kv", "method", "refine")
 MATCH_KEYS = ("architectures", "hidden_size", "num_key_value_heads", "num_attention_heads", "head_dim", "num_hidden_layers")
 
 

@@ -14,6 +14,8 @@ from .source_geometry import SourceGeometry
 # Cache share the default rule aims for when no recipe matches: the paper's Llama-3-8B ratio 576/2048.
 DEFAULT_CACHE_RATIO = 576 / 2048
 RANK_MULTIPLE = 16
+# Refinement steps per layer when neither a flag nor a recipe says (calibrated methods only).
+DEFAULT_REFINE_STEPS = 0
 
 
 @dataclass
@@ -27,6 +29,8 @@ class ConversionSettings:
     calib: str
     dtype: str
     recipe: str | None
+    refine: int = 0  # gradient steps per layer after the closed form (calib/refine.py); 0 = off
+    refine_seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,6 +81,7 @@ def resolve_settings(
     calib: str = "none",
     method: str | None = None,
     dtype: str,
+    refine: int | None = None,
 ) -> ConversionSettings:
     """Combine the default rule, the recipe and the flags; raise InputError on impossible values."""
     chosen: Recipe | None = load_recipe(recipe) if recipe else match_recipe(geo)
@@ -105,14 +110,23 @@ def resolve_settings(
         check_geometry(geo.head_dim, rope_dim, ff)
     except ValueError as exc:
         raise InputError(f"--freqfold: {exc}") from None
+    chosen_method = _method(method or base.get("method"), calib)
+    steps = int(refine if refine is not None else base.get("refine", DEFAULT_REFINE_STEPS))
+    if steps < 0:
+        raise InputError(f"--refine must be a non-negative number of steps, got {steps}")
+    if chosen_method == "pca":
+        if refine:  # asked for explicitly
+            raise InputError("--refine needs calibration text (--calib); the data-free method has nothing to fit")
+        steps = 0
     return ConversionSettings(
         kv_lora_rank=int(rank),
         qk_rope_head_dim=int(rope_dim),
         freqfold=ff,
         freqfold_requested=requested,
         balance_kv=bool(base.get("balance_kv", True)),
-        method=_method(method or base.get("method"), calib),
+        method=chosen_method,
         calib=calib,
         dtype=dtype,
         recipe=chosen.name if chosen else None,
+        refine=steps,
     )

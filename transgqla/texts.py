@@ -41,7 +41,7 @@ from pathlib import Path
 
 from transgqla.errors import InputError
 
-__all__ = ["TEXT_NAMES", "TARGET_CHARS", "builtin_text"]
+__all__ = ["TEXT_NAMES", "TARGET_CHARS", "builtin_text", "split_documents"]
 
 TEXT_NAMES = ("calib", "eval")
 
@@ -168,43 +168,57 @@ def _docstring_document(path: Path) -> str:
     return "\n\n".join(docs)
 
 
-@functools.lru_cache(maxsize=1)
-def _split() -> dict[str, str]:
-    sides: dict[str, list[str]] = {name: [] for name in TEXT_NAMES}
-    sizes = {name: 0 for name in TEXT_NAMES}
+def split_documents(documents, names: tuple[str, ...], target: int | None) -> dict[str, str]:
+    """Deal ``(name, paragraphs)`` documents, in order, whole, to whichever side of ``names`` is
+    shortest so far; a paragraph seen before is dropped. Stops once every side has ``target``
+    characters (None: never). Returns each side's paragraphs joined by blank lines."""
+    sides: dict[str, list[str]] = {name: [] for name in names}
+    sizes = {name: 0 for name in names}
     seen: set[str] = set()
-
-    def add(doc: str) -> None:
+    for _name, doc in documents:
+        if target is not None and min(sizes.values()) >= target:
+            break
         paras = []
-        for para in _prose(doc):
+        for para in doc:
             if para not in seen:
                 seen.add(para)
                 paras.append(para)
         if not paras:
-            return
-        side = min(TEXT_NAMES, key=lambda n: (sizes[n], TEXT_NAMES.index(n)))
+            continue
+        side = min(names, key=lambda n: (sizes[n], names.index(n)))
         sides[side].extend(paras)
         sizes[side] += sum(len(p) + 2 for p in paras)
-
-    for _name, doc in _topic_documents():
-        add(doc)
-    for path in _stdlib_module_files():
-        if min(sizes.values()) >= TARGET_CHARS:
-            break
-        add(_docstring_document(path))
     return {name: "\n\n".join(paras) + "\n" for name, paras in sides.items()}
 
 
+def _documentation():
+    """(name, prose paragraphs) of the help topics, then of the standard library's docstrings."""
+    for name, doc in _topic_documents():
+        yield name, _prose(doc)
+    for path in _stdlib_module_files():
+        yield str(path), _prose(_docstring_document(path))
+
+
+@functools.lru_cache(maxsize=1)
+def _split() -> dict[str, str]:
+    return split_documents(_documentation(), TEXT_NAMES, TARGET_CHARS)
+
+
 def builtin_text(name: str) -> str:
-    """The offline English text ``name`` (``"calib"`` or ``"eval"``).
+    """The offline English text ``name``: ``"calib"`` or ``"eval"`` (documentation, below), or
+    ``"prose-calib"`` / ``"prose-eval"`` (general prose, :mod:`transgqla.prose`).
 
     The two texts are disjoint (no shared document or paragraph), deterministic
     for a given Python version and about :data:`TARGET_CHARS` characters each
     (roughly 60-70k tokens for a Llama-style BPE tokenizer). See the module
     docstring for where the text comes from.
     """
+    from .prose import PROSE_NAMES, prose_text
+
+    if name in PROSE_NAMES:
+        return prose_text(name)
     if name not in TEXT_NAMES:
-        raise InputError(f"unknown built-in text {name!r}; choose one of: {', '.join(TEXT_NAMES)}")
+        raise InputError(f"unknown built-in text {name!r}; choose one of: {', '.join(TEXT_NAMES + PROSE_NAMES)}")
     text = _split()[name]
     if not text.strip():
         raise InputError(

@@ -1,13 +1,16 @@
 """Calibration and evaluation text -> token windows ``[n, seqlen]``.
 
-Text comes from files (plain text, or JSONL with a ``text`` field) or from the built-in offline texts
-(``builtin:calib``, ``builtin:eval``: CPython's own documentation, see :mod:`transgqla.texts`). It is
+Text comes from files (plain text, or JSONL with a ``text`` field) or from the built-in offline texts:
+``builtin:calib``, ``builtin:eval`` (CPython's own documentation, :mod:`transgqla.texts`) and
+``builtin:prose-calib``, ``builtin:prose-eval`` (general English from Debian's fortunes,
+:mod:`transgqla.prose`). It is
 tokenized with the source's ``tokenizer.json`` (the ``tokenizers`` package), without special tokens,
 as one stream cut into non-overlapping windows of ``seqlen`` tokens; a short tail is dropped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -70,3 +73,11 @@ def token_windows(text: str, tokenizer, seqlen: int, max_tokens: int | None = No
     if n == 0:
         raise InputError(f"text has {len(ids)} tokens, fewer than one window of {seqlen}")
     return torch.tensor(ids[: n * seqlen], dtype=torch.int64).view(n, seqlen)
+
+
+def windows_record(windows: torch.Tensor, sources: list[str]) -> dict:
+    """What reproduces a calibration: where the text came from and the sha256 of the token windows
+    (int64, row-major), recorded in ``config.gqla.conversion.calibration``."""
+    digest = hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+    return {"text_sources": list(sources), "windows_sha256": digest, "windows": list(windows.shape),
+            "tokens": int(windows.numel())}

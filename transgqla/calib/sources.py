@@ -1,0 +1,207 @@
+"""Calibration sources -> token windows ``[n, seqlen]``: text, a cached Hugging Face dataset, the model itself.
+
+Why: calibration tuned to one narrow text is tuned to that text. A conversion can calibrate on
+
+* text files and the built-in texts (:mod:`transgqla.calib.text`);
+* ``hf:REPO[:CONFIG[:SPLIT]]``: a text dataset (``.parquet`` with pyarrow, ``.jsonl``/``.json`` or
+  ``.txt`` files, a ``text`` field) read from huggingface_hub's local cache. Nothing is downloaded
+  here: a dataset that is not cached is one clear error (fetch it once with
+  ``huggingface-cli download --repo-type dataset REPO``);
+* ``self``: text the source model writes itself, sampled from short, varied prompts (or from BOS alone)
+  with a seeded generator, so the same seed gives the same tokens. Domain-general by construction and
+  offline, but it costs a full forward of the source per generated token: :func:`self_generated`
+  runs the project's own reference decoder (:class:`~transgqla.model.decoder.SourceDecoder`, KV cache,
+  all windows as one batch) with the whole source in memory in float32 on ``device``: fine for the
+  demo (about 135M x 2 FLOPs per token), hours and 4 bytes per parameter of memory for an 8B model
+  on a CPU, so use a GPU there.
+
+Several sources mix: the token budget is split evenly and their windows are interleaved (round
+robin), so that every source is seen by the sample windows and by refinement's held-out window.
+``auto`` picks the most general source available offline and says which on stderr (see
+:func:`resolve_auto`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from .text import load_tokenizer, read_text, token_windows
+
+SELF, HF, AUTO = "self", "hf:", "auto"
+SELF_SEED = 0
+# Openings for self-generated text: varied registers, so the samples do not all drift into one genre.
+PROMPTS = (
+    "", "The", "Once upon a time", "In the year", "Dear", "Chapter 1", "Q:", "Breaking news:", "The recipe calls for",
+    "According to the report,", "My favorite", "def ", "The history of", "Abstract:", "I think that", "Yesterday",
+    "How to", "The following", "Introduction", "She said", "1.", "When I was", "The theory of", "Ladies and gentlemen,",
+)
+TEMPERATURE, TOP_K = 0.9, 50
+# Dataset repositories tried by ``auto``, most general first, when they sit in the local hub cache.
+GENERAL_DATASETS = ("hf:Salesforce/wikitext:wikitext-103-raw-v1:train", "hf:Salesforce/wikitext:wikitext-2-raw-v1:train",
+                    "hf:allenai/c4:en:train")
+
+
+@dataclass
+class CalibrationSet:
+    windows: torch.Tensor  # [n, seqlen] int64, sources interleaved
+    sources: list[str]  # what each source resolved to, in order
+
+
+def _parse_hf(spec: str) -> tuple[str, str | None, str]:
+    parts = spec[len(HF):].split(":")
+    if not parts[0] or "/" not in parts[0] or len(parts) > 3:
+        raise InputError(f"--calib {spec}: expected hf:OWNER/NAME[:CONFIG[:SPLIT]]")
+    config = parts[1] if len(parts) > 1 and parts[1] else None
+    split = parts[2] if len(parts) > 2 and parts[2] else "train"
+    return parts[0], config, split
+
+
+def cached_dataset(repo: str) -> Path | None:
+    """The local snapshot folder of dataset ``repo`` in huggingface_hub's cache, or None if not cached."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo, repo_type="dataset", local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def _split_files(root: Path, config: str | None, split: str) -> list[Path]:
+    """Data files of ``split`` (``split.jsonl``, ``split-00000-of-00002.parquet``, ``split/*``), under
+    ``config/`` when given, in name order."""
+    kinds = (".parquet", ".jsonl", ".json", ".txt")
+    found = []
+    for path in sorted(root.rglob("*")):
+        if not path.is_file() or path.suffix not in kinds:
+            continue
+        rel = path.relative_to(root).parts
+        if config is not None and config not in rel[:-1]:
+            continue
+        if path.stem == split or path.stem.startswith(f"{split}-") or split in rel[:-1]:
+            found.append(path)
+    return found
+
+
+def _file_texts(path: Path) -> list[str]:
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise InputError(f"{path.name} is a parquet file: reading it needs pyarrow (pip install pyarrow)") from None
+        table = pq.read_table(path)
+        if "text" not in table.column_names:
+            raise InputError(f"{path}: no 'text' column (columns: {', '.join(table.column_names)})")
+        return [str(t) for t in table.column("text").to_pylist() if t]
+    if path.suffix == ".txt":
+        return [path.read_text(encoding="utf-8", errors="replace")]
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        rows = json.loads(raw) if path.suffix == ".json" else [json.loads(line) for line in raw.splitlines() if line.strip()]
+        return [str(r["text"]) for r in rows if r["text"]]
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise InputError(f"{path}: expected JSON records with a 'text' field") from None
+
+
+def hf_text(spec: str) -> str:
+    """The text of a cached ``hf:REPO[:CONFIG[:SPLIT]]`` dataset; one-line errors when it is not usable."""
+    repo, config, split = _parse_hf(spec)
+    root = cached_dataset(repo)
+    if root is None:
+        raise InputError(f"dataset {repo} is not in the local Hugging Face cache and calibration never downloads: "
+                         f"run 'huggingface-cli download --repo-type dataset {repo}' first (or pass a text file)")
+    files = _split_files(root, config, split)
+    if not files:
+        raise InputError(f"dataset {repo} (cached at {root}) has no data files for config {config or '(any)'} split {split}")
+    texts = [t for f in files for t in _file_texts(f)]
+    text = "\n\n".join(t.strip() for t in texts if t.strip())
+    if not text:
+        raise InputError(f"dataset {repo}: split {split} holds no text")
+    return text
+
+
+@torch.no_grad()
+def self_generated(model_folder: Path, n: int, seqlen: int, seed: int = SELF_SEED, device: str = "cpu") -> torch.Tensor:
+    """``[n, seqlen]`` tokens sampled from the source itself: window ``i`` starts with BOS (when the
+    config has one) and prompt ``PROMPTS[i % len]``, then continues by top-k sampling at a fixed
+    temperature with a generator seeded by ``seed``. One batch, one cached decode step per token."""
+    from ..io import SafetensorsCheckpoint
+    from ..model.decoder import SourceDecoder
+
+    config = json.loads((Path(model_folder) / "config.json").read_text())
+    tok = load_tokenizer(model_folder)
+    bos = config.get("bos_token_id")
+    bos = bos[0] if isinstance(bos, list) else bos
+    starts = []
+    for i in range(n):
+        ids = ([int(bos)] if bos is not None else []) + tok.encode(PROMPTS[i % len(PROMPTS)], add_special_tokens=False).ids
+        starts.append(ids[: max(1, seqlen // 2)] or [0])
+    ckpt = SafetensorsCheckpoint(Path(model_folder))
+    try:
+        tensors = {name: ckpt.read(name) for name in ckpt.names}
+    finally:
+        ckpt.close()
+    dec = SourceDecoder(config, tensors, dtype=torch.float32, device=device)
+    del tensors
+    gen = torch.Generator().manual_seed(seed)
+    out = torch.zeros(n, seqlen, dtype=torch.int64)
+    width = min(len(s) for s in starts)  # common prefill; longer prompts are forced token by token
+    for i, s in enumerate(starts):
+        out[i, : len(s)] = torch.tensor(s)
+    cache = dec.new_cache()
+    logits = dec.forward(out[:, :width], cache)[:, -1]
+    for t in range(width, seqlen):
+        probs = torch.softmax(logits.double().cpu() / TEMPERATURE, dim=-1)
+        top = probs.topk(min(TOP_K, probs.shape[-1]))
+        pick = top.indices.gather(1, torch.multinomial(top.values, 1, generator=gen))[:, 0]
+        forced = torch.tensor([t < len(s) for s in starts])
+        out[:, t] = torch.where(forced, out[:, t], pick)
+        if t + 1 < seqlen:
+            logits = dec.forward(out[:, t:t + 1], cache)[:, -1]
+    return out
+
+
+def resolve_auto(model_folder: Path) -> list[str] | None:
+    """``auto``: a cached general dataset (:data:`GENERAL_DATASETS`), else the built-in prose and
+    documentation texts mixed (documentation alone where Debian's fortunes are missing); None (data-free)
+    when the source has no tokenizer. Says which on stderr."""
+    if not (Path(model_folder) / "tokenizer.json").is_file():
+        return None
+    for spec in GENERAL_DATASETS:
+        repo, config, split = _parse_hf(spec)
+        root = cached_dataset(repo)
+        if root is not None and _split_files(root, config, split):
+            chosen = [spec]
+            break
+    else:
+        from ..prose import fortune_folder
+
+        chosen = ["builtin:prose-calib", "builtin:calib"] if fortune_folder().is_dir() else ["builtin:calib"]
+    print(f"transgqla: --calib auto: calibrating on {' + '.join(chosen)}", file=sys.stderr)
+    return chosen
+
+
+def calibration_windows(specs: list[str], model_folder: Path, seqlen: int, tokens: int, device: str = "cpu",
+                        seed: int = SELF_SEED) -> CalibrationSet:
+    """Windows of every source in ``specs`` (``tokens // len(specs)`` tokens each, at least one window),
+    interleaved round robin."""
+    share = max(seqlen, tokens // len(specs))
+    per_source, names = [], []
+    tok = None
+    for spec in specs:
+        if spec == SELF:
+            per_source.append(self_generated(model_folder, max(1, share // seqlen), seqlen, seed, device))
+            names.append(f"self:seed={seed}")
+            continue
+        tok = tok or load_tokenizer(model_folder)
+        text = hf_text(spec) if spec.startswith(HF) else read_text([spec])
+        per_source.append(token_windows(text, tok, seqlen, share))
+        names.append(spec)
+    rows = [w for i in range(max(len(p) for p in per_source)) for p in per_source if i < len(p) for w in [p[i]]]
+    return CalibrationSet(torch.stack(rows), names)

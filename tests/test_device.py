@@ -161,11 +161,13 @@ def test_export_reference_check_runs_on_the_device(converted, tmp_path, monkeypa
     from transgqla.export import ExportRequest, run_export
 
     lora = fmt == "deepseek"  # the Qwen2 query bias goes through q_lora_rank
-    want = run_export(ExportRequest(converted, tmp_path / "cpu", path=path, format=fmt, query_bias_lora=lora))
+    target = "transformers" if lora else "engines"  # the engines have no query-bias slot
+    want = run_export(ExportRequest(converted, tmp_path / "cpu", path=path, format=fmt, query_bias_lora=lora,
+                                    target=target))
     accept_the_fake_device(monkeypatch)
     with FakeDevice():
         got = run_export(ExportRequest(converted, tmp_path / "dev", path=path, format=fmt, query_bias_lora=lora,
-                                       device=DEV))
+                                       target=target, device=DEV))
     assert got.ok and want.ok
     assert got.check.tokens_candidate == want.check.tokens_candidate
     assert got.check.rel_error == pytest.approx(want.check.rel_error, rel=1e-3, abs=1e-9)

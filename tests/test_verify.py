@@ -501,3 +501,39 @@ def test_text_perplexity_equals_eval_ppl(lossy, tmp_path):
     assert want_gqla.windows == 345 // FAST["seqlen"]
     assert ppl["ppl_gqla"] == pytest.approx(want_gqla.perplexity, rel=1e-5)
     assert ppl["ppl_source"] == pytest.approx(want_src.perplexity, rel=1e-5)
+
+
+def test_token_stats_chunked_equal_full_vocabulary_float64(monkeypatch):
+    """KL, top-1 agreement and NLL reduced over vocabulary chunks equal the plain full-logit float64
+    computation (chunks of 64 rows over V = 150, so three chunks, the last one short)."""
+    import transgqla.verify.token_stats as ts
+    from transgqla.verify.token_stats import token_stats
+
+    monkeypatch.setattr(ts, "STATS_BYTES", 1)  # the smallest chunk: 64 vocabulary rows
+    seen: list[int] = []
+
+    g = torch.Generator().manual_seed(0)
+    n, d, v = 7, 5, 150
+    w_s, w_g = torch.randn(v, d, generator=g, dtype=torch.float64), torch.randn(v, d, generator=g, dtype=torch.float64)
+    w_g[:70] = w_s[:70]  # some rows agree, so top-1 agreement is neither 0 nor 1 by accident
+    x_s, x_g = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, d, generator=g, dtype=torch.float64)
+    targets = torch.tensor([3, 64, 149, -1, 0, 127, -1])
+
+    class Head:
+        def __init__(self, w):
+            self.w = w
+
+        def head_chunks(self, rows):
+            for s in range(0, v, rows):
+                seen.append(s)
+                yield s, self.w[s : s + rows]
+
+    got = token_stats(Head(w_s), Head(w_g), x_s, x_g, targets)
+    ls, lg = torch.log_softmax(x_s @ w_s.T, -1), torch.log_softmax(x_g @ w_g.T, -1)
+    has = targets >= 0
+    assert got.kl == pytest.approx(float((ls.exp() * (ls - lg)).sum()), rel=1e-12)
+    assert got.agree == float((ls.argmax(-1) == lg.argmax(-1)).sum())
+    assert got.nll_source == pytest.approx(-float(ls[has, targets[has]].sum()), rel=1e-12)
+    assert got.nll_gqla == pytest.approx(-float(lg[has, targets[has]].sum()), rel=1e-12)
+    assert (got.positions, got.scored) == (n, 5)
+    assert seen == [0, 0, 64, 64, 128, 128]  # both heads, chunk by chunk

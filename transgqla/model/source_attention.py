@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..mathx.decode_kernels import gqa_attention as grouped_attention
 from ..mathx.rope import cos_sin, inv_freq, rope_settings, rotate_half_layout
 from .attention import KVCache, causal_mask
 from .geometry import block_fields
@@ -61,10 +62,7 @@ def gqa_attention(x, p, geo: GQAGeometry, positions, cache: KVCache, layer: int)
     q = rotate_half_layout(proj("q_proj", geo.n_heads), cos, sin)
     k = rotate_half_layout(proj("k_proj", geo.n_groups), cos, sin)
     k_all, v_all = cache.extend(layer, k, proj("v_proj", geo.n_groups))
-    m = geo.n_heads // geo.n_groups
-    scores = q @ k_all.repeat_interleave(m, dim=1).transpose(2, 3) * geo.softmax_scale
     mask = causal_mask(positions, k_all.shape[2], geo.sliding_window)
-    wide = torch.promote_types(x.dtype, torch.float32)
-    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")).to(wide), dim=-1).to(x.dtype)
-    out = (probs @ v_all.repeat_interleave(m, dim=1)).transpose(1, 2).reshape(b, t, geo.n_heads * d)
+    out = grouped_attention(q, k_all, v_all, mask, geo.softmax_scale)  # no per-head copies of the cache
+    out = out.transpose(1, 2).reshape(b, t, geo.n_heads * d)
     return torch.nn.functional.linear(out, p["o_proj.weight"], p.get("o_proj.bias"))

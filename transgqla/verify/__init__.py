@@ -12,7 +12,7 @@ Sections (each a few :class:`Check` s in the :class:`VerifyReport`):
 The model sections run only when the structure holds well enough to load the weights. None of them
 loads a model: every section reads the checkpoint layer by layer (:mod:`.layerwise`: one layer's
 tensors, embedding rows and head chunks at a time; greedy decoding streams the layers at every step
-unless the model is small), so memory does not grow with depth (about 1.6 GB at Llama-3-8B geometry).
+unless the model is small), so memory does not grow with depth (benchmarks/bounded_memory.py).
 """
 
 from __future__ import annotations

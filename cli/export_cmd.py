@@ -59,7 +59,8 @@ def export_table(s: dict[str, Any]) -> Table:
     if "latent_norm" in s:
         ln = s["latent_norm"]
         table.add_row("target", s.get("target", ""))
-        table.add_row(f"latent norm ({ln['form']}): |scale - 1|", _fmt(ln["max_residual_scale_error"]))
+        folded = f" ({ln['residual_folded_layers']} layers folded into kv_b_proj)" if ln["residual_folded_layers"] else ""
+        table.add_row(f"latent norm ({ln['form']}): |scale - 1|", _fmt(ln["max_residual_scale_error"]) + folded)
         table.add_row("latent norm worst-case rel. deviation", _fmt(ln["worst_case_rel_error"]))
     if "engines" in s:
         e = s["engines"]

@@ -216,3 +216,39 @@ def test_verify_reports_the_engine_kernels(eng, tmp_path):
     report = run_verify(dst, device="cpu")
     assert report.get("engines.decode.FlashMLA").value is True and report.get("engines.advice").value == "none"
     assert not report.ok and report.failed()[0].name == "engines.form"  # eps 1e-5: runtimes disagree
+
+
+@pytest.mark.slow  # ~1 min on 2 busy cores (the rank-512 conversion)
+def test_8b_shaped_tiny_model_takes_every_fast_kernel(tmp_path):
+    """Llama-3-8B's attention layout (32 heads of 128 over 8 groups) at 512 + 64 on a small hidden size: the
+    engine export has DeepSeek-R1's shape, every fast kernel accepts it, and stock transformers reproduces it;
+    the MiMo export of the same model reproduces the GQA path."""
+    from test_export_mimo import against_reference
+
+    make_source(tmp_path / "src", "llama", n_heads=32, n_kv=8, head_dim=128, hidden=512, rms_norm_eps=1e-5, layers=1,
+                shard_size="2MB")
+    run_convert(tmp_path / "src", tmp_path / "out", kv_lora_rank=512, qk_rope_dim=64)
+    doc = export_json(tmp_path / "out", tmp_path / "ds", "--path", "absorb", "--format", "deepseek")
+    assert doc["ok"] and doc["engines"]["advice"] == "" and doc["engines"]["vllm_prefill_accepts"]
+    assert doc["engines"]["fast_decode_kernels"] == ["FlashMLA", "CUTLASS MLA", "FlashAttention-3 MLA", "FlashInfer MLA"]
+    model, ref = stock(tmp_path / "ds"), load_decoder(tmp_path / "out", dtype=torch.float64)
+    x = ids()
+    with torch.no_grad():
+        want = ref.forward(x, ref.new_cache("absorb"))
+        err32 = rel_err(model(x).logits, want)
+        err16 = rel_err(stock(tmp_path / "ds", torch.bfloat16)(x).logits, want)
+    assert err32 < 1e-5 and err16 < 5e-2
+    mimo = export_json(tmp_path / "out", tmp_path / "mimo", "--path", "gqa", "--format", "mimo")
+    assert mimo["ok"] and mimo["cache_values_per_token"] == 8 * (192 + 128)
+    err_mimo = against_reference(tmp_path / "out", tmp_path / "mimo", 1e-5)
+    print(f"8B-shaped: deepseek engines float32 {err32:.2e}, bfloat16 compute {err16:.2e}; mimo float32 {err_mimo:.2e}")
+
+
+def test_spectral_norm_is_the_top_singular_value():
+    from transgqla.export.latent_norm import spectral_norm
+
+    torch.manual_seed(1)
+    for shape in ((24, 64), (64, 24)):
+        w = torch.randn(*shape, dtype=torch.float64)
+        want = float(torch.linalg.svdvals(w)[0])
+        assert want <= spectral_norm(w) <= want * (1 + 1e-8)

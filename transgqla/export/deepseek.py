@@ -91,7 +91,7 @@ def check_supported(src: GQLACheckpoint, target: str = "engines", query_bias_lor
             raise UnsupportedError("float16 cannot hold the engine form's scaled latent rows (subnormal); convert with "
                                    "--dtype bfloat16 or float32, or export --target transformers")
         if abs(geo.eps - LATENT_NORM_EPS) > 1e-12:
-            if stream_scale(geo.eps, src.dtype) != 1.0:
+            if stream_scale(geo.eps, _stream_dtypes(src)) != 1.0:
                 warnings.append(f"rms_norm_eps {geo.eps:g} -> {LATENT_NORM_EPS:g} (the latent norm's eps in every runtime), "
                                 f"compensated exactly by scaling the residual stream by sqrt({LATENT_NORM_EPS:g}/{geo.eps:g})")
             else:
@@ -239,17 +239,23 @@ def _attention_shapes(src: GQLACheckpoint, target: str, use_q_lora: bool) -> dic
     return shapes
 
 
-def stream_scale(eps: float, dtype: str) -> float:
+def _stream_dtypes(src: GQLACheckpoint) -> set[str]:
+    """Storage dtypes of the tensors :func:`stream_scale` multiplies (OUT keeps the source's dtype outside attention)."""
+    return {src.ckpt.spec(n).dtype for n in src.ckpt.names
+            if n == "model.embed_tokens.weight" or n.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight"))}
+
+
+def stream_scale(eps: float, dtypes: set[str]) -> float:
     """``beta`` that makes every ``rms_norm_eps = 1e-6`` norm act as one with the source's ``eps`` (1: none).
 
     RMSNorm is scale-free but for its eps: ``RMSNorm(beta h; e) = w h / sqrt(mean(h^2) + e / beta^2)``. With the
     residual stream scaled by ``beta = sqrt(1e-6 / eps)`` (the embedding and every ``o_proj`` / ``down_proj``
     times ``beta``; attention and MLP inputs are normalized, so nothing else changes; ``lm_head`` reads the
-    final norm's output, unscaled) each norm sees ``eps`` again, exactly. Done for float32/float64 weights
-    only: rounding those three matrices to bfloat16 again costs more than the eps change (measured on the
+    final norm's output, unscaled) each norm sees ``eps`` again, exactly. Done when those tensors are stored
+    in float32/float64 only: rounding those three matrices to bfloat16 again costs more than the eps change (measured on the
     demo, float32 compute: relative logit error 1.9e-2 rescaled, 2.0e-3 with the eps change alone).
     """
-    if dtype not in ("F32", "F64") or abs(eps - LATENT_NORM_EPS) <= 1e-12:
+    if not dtypes <= {"F32", "F64"} or abs(eps - LATENT_NORM_EPS) <= 1e-12:
         return 1.0
     return math.sqrt(LATENT_NORM_EPS / eps)
 
@@ -283,7 +289,7 @@ def write_deepseek(src: GQLACheckpoint, folder: Path, max_shard_bytes: int, warn
             out.update(query_lora(src, layer, q_pins[layer], tdt))
         return {src.attn(layer, k): v.to(tdt).contiguous() for k, v in out.items()}
 
-    beta = stream_scale(geo.eps, dtype) if engines else 1.0
+    beta = stream_scale(geo.eps, _stream_dtypes(src)) if engines else 1.0
     scales = {}
     if beta != 1.0:
         scales = {s.name: beta for s in specs if s.name not in computed and s.name not in aliases and

@@ -30,7 +30,7 @@ def eigh_descending(sym: torch.Tensor, top: int | None = None) -> tuple[torch.Te
     order = torch.argsort(vals, descending=True, stable=True)[:top]
     vals, vecs = vals[order], vecs[:, order]
     pivot = vecs.abs().argmax(dim=0)
-    return vals, vecs * torch.sign(vecs[pivot, torch.arange(vecs.shape[1])])[None, :]
+    return vals, vecs * torch.sign(vecs[pivot, torch.arange(vecs.shape[1], device=vecs.device)])[None, :]
 
 
 def orthonormalize(vecs: torch.Tensor) -> torch.Tensor:

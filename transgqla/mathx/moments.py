@@ -29,13 +29,13 @@ class InputMoment:
         """Statistics from weights alone: the layer input is ``RMSNorm(h) * gamma`` with ``RMSNorm(h)``
         of unit mean square, so absent data we take independent coordinates of variance ``gamma_i^2``."""
         g = norm_weight.to(torch.float64)
-        return cls(diag=torch.cat((g * g, torch.ones(1, dtype=torch.float64))))
+        return cls(diag=torch.cat((g * g, torch.ones(1, dtype=torch.float64, device=g.device))))
 
     @classmethod
     def from_samples(cls, x: torch.Tensor) -> "InputMoment":
         """Moment of samples ``x[N, D]`` (the layer inputs), augmented with the constant 1."""
         x = x.reshape(-1, x.shape[-1]).to(torch.float64)
-        xa = torch.cat((x, torch.ones(x.shape[0], 1, dtype=torch.float64)), dim=1)
+        xa = torch.cat((x, torch.ones(x.shape[0], 1, dtype=torch.float64, device=x.device)), dim=1)
         return cls(dense=xa.T @ xa / xa.shape[0])
 
     def right(self, w: torch.Tensor) -> torch.Tensor:
@@ -53,7 +53,7 @@ class InputMoment:
 
 def augment(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """``[W, b]`` in ``dtype``, with a zero column when the projection has no bias. ``W[..., D]`` -> ``[..., D+1]``."""
-    out = torch.empty(weight.shape[:-1] + (weight.shape[-1] + 1,), dtype=dtype)
+    out = torch.empty(weight.shape[:-1] + (weight.shape[-1] + 1,), dtype=dtype, device=weight.device)
     out[..., :-1] = weight
     out[..., -1] = 0.0 if bias is None else bias
     return out

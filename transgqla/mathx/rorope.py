@@ -51,7 +51,7 @@ def pair_energy(key_gram: torch.Tensor, n_groups: int, head_dim: int, freqs: lis
     real combination ``u`` of pairs is ``u^T E u`` because the same ``u`` mixes real and imaginary parts.
     """
     half = head_dim // 2
-    idx = torch.tensor([g * head_dim + i for g in range(n_groups) for i in freqs])
+    idx = torch.tensor([g * head_dim + i for g in range(n_groups) for i in freqs], device=key_gram.device)
     return key_gram[idx][:, idx] + key_gram[idx + half][:, idx + half]
 
 
@@ -71,9 +71,9 @@ def block_components(key_gram, n_groups, head_dim, freqs, pair_weight=None) -> t
 def embed_component(u: torch.Tensor, n_groups: int, head_dim: int, freqs: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Key-space columns ``(re, im)`` of a pair-space component ``u`` over block ``freqs``."""
     half = head_dim // 2
-    re = torch.zeros(n_groups * head_dim, dtype=u.dtype)
+    re = torch.zeros(n_groups * head_dim, dtype=u.dtype, device=u.device)
     im = torch.zeros_like(re)
-    idx = torch.tensor([g * head_dim + i for g in range(n_groups) for i in freqs])
+    idx = torch.tensor([g * head_dim + i for g in range(n_groups) for i in freqs], device=u.device)
     re[idx] = u
     im[idx + half] = u
     return re, im
@@ -101,7 +101,7 @@ def rope_basis(
         _, vecs = block_components(key_gram, n_groups, head_dim, freqs, pair_weight)
         kept = vecs[:, : len(slots)]
         weight = kept.reshape(n_groups, len(freqs), -1).pow(2).sum(0)  # [freq, component]
-        mean_freq = (torch.tensor(freqs, dtype=weight.dtype)[:, None] * weight).sum(0)
+        mean_freq = (torch.tensor(freqs, dtype=weight.dtype, device=weight.device)[:, None] * weight).sum(0)
         for p, c in zip(slots, torch.argsort(mean_freq, stable=True).tolist()):
             columns[2 * p], columns[2 * p + 1] = embed_component(kept[:, c], n_groups, head_dim, freqs)
     basis = torch.stack(columns, dim=1)

@@ -62,6 +62,23 @@ def test_runner_moment_matches_transformers_hidden_states(source_factory, tmp_pa
         runner.advance(layer)
 
 
+def test_runner_advances_with_the_attention_its_statistics_computed(source_factory):
+    """With attention-weighted statistics, advance() reuses that pass's attention output: the hidden states
+    still match transformers' layer by layer."""
+    src, model = source_factory("llama", n_kv=2, layers=3)
+    config = json.loads((src / "config.json").read_text())
+    windows = torch.randint(0, 101, (5, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        hidden = model(windows, output_hidden_states=True).hidden_states
+    runner = LayerwiseCalibration(SafetensorsCheckpoint(src), config, windows, micro_batch=2)
+    for layer in range(2):
+        runner.statistics(layer, attention_weighted=True)
+        assert runner._attention_out is not None and runner._attention_out[0] == layer
+        runner.advance(layer)
+        assert runner._attention_out is None
+        assert torch.allclose(runner.h, hidden[layer + 1].float(), rtol=1e-4, atol=1e-5), layer
+
+
 def test_group_metrics_match_dense_definitions():
     torch.manual_seed(0)
     n_h, n_g, d, dim = 4, 2, 6, 10

@@ -47,6 +47,7 @@ class LayerContext:
     freqs: torch.Tensor  # source RoPE frequencies [d/2]
     window: int | None
     gqla_config: dict  # a config GQLAGeometry can read (source keys + GQLA dims)
+    device: torch.device = torch.device("cpu")  # where this math runs; every tensor above is on it
 
 
 @dataclass

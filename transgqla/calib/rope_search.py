@@ -54,6 +54,7 @@ class AttentionErrorModel:
         self.q_heads = q_rows.permute(1, 0, 2, 3).reshape(n_h, s * pr.t, d)  # [n_h, S T, d]
         self.k_flat = torch.cat((k[..., : d // 2], k[..., d // 2 :]), 1).permute(0, 2, 1, 3).reshape(s * length, -1)
         self.row_pos = pr.rows.to(torch.float64)
+        self._rot: tuple[float, tuple[torch.Tensor, ...]] | None = None
         self.key_pos = torch.arange(length, device=dev, dtype=torch.float64)
         # Every pair dropped with its phase: Re(conj(q) lambda k) = Re(a) Re(k) + Im(a) Im(k), a = q conj(lambda).
         a = _complex(q_rows) * torch.conj(self.phase_h)[None, :, None, :]
@@ -78,8 +79,7 @@ class AttentionErrorModel:
         rows = torch.bmm(self.q_heads, cols).reshape(-1, s, t, c, 4).permute(3, 1, 0, 2, 4)  # [C, S, n_h, T, 4]
         # Key factor k_u = sum_{g,i} u_{g,i} k_{g,i} (one for all groups): (Re, Im).
         k_u = (self.k_flat.view(s * length, 2, -1) @ u.reshape(c, -1).T).view(s, length, 2, c)
-        cos_t, sin_t = torch.cos(self.row_pos * slot_freq), torch.sin(self.row_pos * slot_freq)
-        cos_l, sin_l = torch.cos(self.key_pos * slot_freq), torch.sin(self.key_pos * slot_freq)
+        cos_t, sin_t, cos_l, sin_l = self._rotation(slot_freq)
         qr, qi = rows[..., 0], rows[..., 1]
         kr, ki = k_u[:, :, 0].permute(2, 0, 1), k_u[:, :, 1].permute(2, 0, 1)  # [C, S, L]
         # Re(conj(a) b) - Re(conj(q''_u) k_u) with a = q_u e^{j t f}, b = k_u e^{j s f}.
@@ -88,6 +88,13 @@ class AttentionErrorModel:
         right = right[:, :, None].expand(-1, -1, self.n_g, -1, -1)
         left = (left * self.scale).reshape(c, s * self.n_g, self.m * t, 4)
         return left.to(pr.dtype), right.reshape(c, s * self.n_g, 4, length).to(pr.dtype)
+
+    def _rotation(self, freq: float) -> tuple[torch.Tensor, ...]:
+        """``cos, sin`` of ``freq`` times the query rows' and the keys' positions (kept for the slot's commit)."""
+        if self._rot is None or self._rot[0] != freq:
+            t, s = self.row_pos * freq, self.key_pos * freq
+            self._rot = (freq, (t.cos(), t.sin(), s.cos(), s.sin()))
+        return self._rot[1]
 
     def candidate_errors(self, us: list[torch.Tensor], slot_freq: float) -> list[float]:
         left, right = self.delta(us, slot_freq)

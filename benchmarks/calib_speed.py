@@ -105,11 +105,10 @@ def measured(cmd: list[str], log: Path) -> dict:
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed ({log}): {' '.join(cmd)}")
-    lines = [ln for ln in out.splitlines() if ln.strip()]
     return {"wall_s": round(wall, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
             "user_s": round(usage.ru_utime, 1), "sys_s": round(usage.ru_stime, 1),
             "minor_faults": usage.ru_minflt, "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 2),
-            "out": json.loads(lines[-1]) if lines else None}
+            "out": json.loads(out) if out.strip() else None}
 
 
 def source_folder(model: str, work: Path) -> Path:

@@ -330,3 +330,27 @@ def test_layer_search_makes_no_tensor_off_its_inputs_device():
     finally:
         torch.set_default_device("cpu")
     assert all(t.device.type == "cpu" for t in conv.tensors.values())
+
+
+def test_calibrated_bytes_do_not_depend_on_the_layer_worker(source_factory, tmp_path, monkeypatch):
+    """gqla with calibration, layer math in the writer's thread (0 workers) or on the background worker (1):
+    identical bytes, and identical again on a second run."""
+    from transgqla import convert as convert_module
+    from transgqla.io import SafetensorsCheckpoint as Ckpt
+
+    src, _ = source_factory("qwen2", n_kv=2, n_heads=4, head_dim=16, layers=2)
+    make_tokenizer(src)
+    text = tmp_path / "calib.txt"
+    text.write_text(tiny_text())
+    outs = []
+    for workers in ("0", "1", "1"):
+        monkeypatch.setenv(convert_module.LAYER_WORKERS_ENV, workers)
+        outs.append(tmp_path / f"w{len(outs)}")
+        run_convert(src, outs[-1], method="gqla", kv_lora_rank=20, qk_rope_dim=8, calib=[str(text)],
+                    calib_tokens=1024, calib_seqlen=64)
+    ref = Ckpt(outs[0])
+    for out in outs[1:]:
+        other = Ckpt(out)
+        assert other.names == ref.names
+        for name in ref.names:
+            assert other.read_bytes(name) == ref.read_bytes(name), (out, name)

@@ -2,6 +2,8 @@
 end-to-end calibrated conversion of a tiny random model from a tiny text."""
 
 import json
+import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -58,6 +60,23 @@ def test_runner_moment_matches_transformers_hidden_states(source_factory, tmp_pa
         got = runner.statistics(layer).moment.dense
         assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5), layer
         runner.advance(layer)
+
+
+def test_runner_advances_with_the_attention_its_statistics_computed(source_factory):
+    """With attention-weighted statistics, advance() reuses that pass's attention output: the hidden states
+    still match transformers' layer by layer."""
+    src, model = source_factory("llama", n_kv=2, layers=3)
+    config = json.loads((src / "config.json").read_text())
+    windows = torch.randint(0, 101, (5, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        hidden = model(windows, output_hidden_states=True).hidden_states
+    runner = LayerwiseCalibration(SafetensorsCheckpoint(src), config, windows, micro_batch=2)
+    for layer in range(2):
+        runner.statistics(layer, attention_weighted=True)
+        assert runner._attention_out is not None and runner._attention_out[0] == layer
+        runner.advance(layer)
+        assert runner._attention_out is None
+        assert torch.allclose(runner.h, hidden[layer + 1].float(), rtol=1e-4, atol=1e-5), layer
 
 
 def test_group_metrics_match_dense_definitions():
@@ -140,24 +159,198 @@ def test_calibrated_gqla_lowers_attention_error_versus_pca(source_factory, tmp_p
     assert cfg["gqla"]["conversion"]["method"] == "gqla" and cfg["gqla"]["conversion"]["calib"] == str(text)
 
 
-def test_greedy_rope_search_gives_the_same_bits_on_one_or_two_threads():
-    """Candidates are scored concurrently; the chosen basis must not depend on it."""
-    from transgqla.calib.rope_search import AttentionErrorModel, greedy_rope_basis
+def _random_layer(seed: int, bias: bool = False, n_h=4, n_g=2, d=16, hidden=72, s=2, length=24):
+    """A random source attention layer, sample inputs and o_proj; float64."""
+    from transgqla.mathx.gqla_layer import SourceAttention
 
-    g = torch.Generator().manual_seed(4)
-    s, n_h, n_g, length, d, hidden = 2, 4, 2, 24, 16, 32
-    q = torch.randn(s, n_h, length, d, generator=g, dtype=torch.float64)
-    k = torch.randn(s, n_g, length, d, generator=g, dtype=torch.float64)
-    v = torch.randn(s, n_g, length, d, generator=g, dtype=torch.float64)
-    wo = torch.randn(hidden, n_h * d, generator=g, dtype=torch.float64)
-    freqs = inv_freq(d, 10000.0, None).double()
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=0.3):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+    src = SourceAttention(rnd(n_h * d, hidden), rnd(n_g * d, hidden), rnd(n_g * d, hidden), n_h, n_g, d,
+                          *((rnd(n_h * d), rnd(n_g * d), rnd(n_g * d)) if bias else ()))
+    x = rnd(s, length, hidden, scale=1.0) + rnd(hidden, scale=1.0)  # a mean, so the bias column matters
+    return src, x, rnd(hidden, n_h * d), inv_freq(d, 10000.0)
+
+
+def _dense_error(src, conv, x, wo, freqs, rows, rope_dim, rank):
+    """The converted layer's output error against the source on query ``rows``, with the format's own
+    decoder (model/attention.py) and a plain float64 source attention."""
+    from transgqla.mathx.attention_stats import source_attention_parts
+    from transgqla.model.attention import KVCache, attention
+    from transgqla.model.geometry import GQLAGeometry
+
+    n_h, n_g, d = src.n_heads, src.n_groups, src.head_dim
+    _, _, probs = source_attention_parts(x, src.wq, src.bq, src.wk, src.bk, n_h, n_g, d, freqs)
+    v = torch.nn.functional.linear(x, src.wv, src.bv).view(x.shape[0], x.shape[1], n_g, d).transpose(1, 2)
+    ref = (probs @ v.repeat_interleave(n_h // n_g, 1)).transpose(1, 2).reshape(x.shape[0], x.shape[1], -1) @ wo.T
+    cfg = {"hidden_size": x.shape[-1], "num_hidden_layers": 1, "num_attention_heads": n_h, "num_key_value_heads": n_g,
+           "qk_nope_head_dim": d, "qk_rope_head_dim": rope_dim, "v_head_dim": d, "kv_lora_rank": rank, "rope_theta": 10000.0}
+    params = {**{k: t.double() for k, t in conv.tensors.items()}, "o_proj.weight": wo}
+    got = attention(x, params, GQLAGeometry.from_config(cfg), torch.arange(x.shape[1]), KVCache("absorb"), 0, "absorb")
+    return float((got - ref)[:, rows].pow(2).sum() / ref[:, rows].pow(2).sum())
+
+
+def _sample_attention(src, x, wo, freqs, stride):
+    from transgqla.calib.methods import SampleAttention, source_scale
+    from transgqla.calib.output_probe import OutputProbe
+    from transgqla.mathx.attention_stats import source_attention_parts
+
+    n_g, d = src.n_groups, src.head_dim
+    q, k, probs = source_attention_parts(x, src.wq, src.bq, src.wk, src.bk, src.n_heads, n_g, d, freqs)
+    v = torch.nn.functional.linear(x, src.wv, src.bv).view(x.shape[0], x.shape[1], n_g, d).transpose(1, 2)
+    probe = OutputProbe(q, k, v, wo, freqs, source_scale(src), stride=stride)
+    return SampleAttention(x, q, k, v, probs, probe, source_scale(src))
+
+
+@pytest.mark.parametrize("stride", [1, 3])
+def test_greedy_search_error_is_the_converted_layers_error(stride):
+    """The incremental score model, on the probe's rows, equals the output error of the layer built from
+    the chosen basis and phases at full rank, run through the format's decoder."""
+    from transgqla.calib.rope_search import AttentionErrorModel, greedy_rope_basis
+    from transgqla.mathx.gqla_layer import LayerObjective, LayerSettings, convert_attention, max_rank
+
+    src, x, wo, freqs = _random_layer(4, bias=True)
+    n_g, d, rope_dim = src.n_groups, src.head_dim, 8
+    sa = _sample_attention(src, x, wo, freqs, stride)
+    g = torch.Generator().manual_seed(5)
     phase = torch.polar(torch.ones(n_g, d // 2, dtype=torch.float64), torch.rand(n_g, d // 2, generator=g, dtype=torch.float64))
-    model = AttentionErrorModel(q, k, v, wo, freqs, phase, d**-0.5)
-    kf = k.permute(0, 2, 1, 3).reshape(-1, n_g * d)
-    key_gram = kf.T @ kf / kf.shape[0]
+    model = AttentionErrorModel(sa.q, sa.k, sa.v, wo, freqs, phase, sa.scale, probe=sa.probe)
+    moment = InputMoment.from_samples(x.reshape(-1, x.shape[-1]))
+    key_gram = moment.gram(augment(src.wk, src.bk))
     cost = torch.rand(n_g, d // 2, generator=g, dtype=torch.float64) + 0.5
-    one, err1 = greedy_rope_basis(model, key_gram, cost, n_g, d, 8, threads=1)
-    two, err2 = greedy_rope_basis(model, key_gram, cost, n_g, d, 8, threads=2)
-    assert torch.equal(one, two) and err1 == err2
-    assert torch.allclose(one.T @ one, torch.eye(8, dtype=torch.float64), atol=1e-12)
-    assert err1 < model.error(model.scores)  # filling the slots well beats rotating nothing
+    start = model.current_error()
+    basis, err = greedy_rope_basis(model, key_gram, cost, n_g, d, rope_dim)
+    assert torch.allclose(basis.T @ basis, torch.eye(rope_dim, dtype=torch.float64), atol=1e-12)
+    assert err < start  # filling the slots well beats rotating nothing
+    again, err2 = greedy_rope_basis(AttentionErrorModel(sa.q, sa.k, sa.v, wo, freqs, phase, sa.scale, stride=stride),
+                                    key_gram, cost, n_g, d, rope_dim)
+    assert torch.equal(basis, again) and err == err2  # deterministic
+    rank = max_rank(n_g, d, rope_dim, x.shape[-1])
+    conv = convert_attention(src, moment, LayerSettings(rank, rope_dim, 4), LayerObjective(rope_basis=basis, nope_phase=phase))
+    dense = _dense_error(src, conv, x, wo, freqs, sa.probe.rows, rope_dim, rank)
+    assert err == pytest.approx(dense, rel=2e-4)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_latent_scorer_matches_the_format_decoder(bias):
+    """A candidate's probe error (shared RoPE scores + its latent) equals the assembled layer's error in the
+    format's decoder, at a rank that truncates."""
+    from transgqla.calib.methods import LatentScorer
+    from transgqla.mathx.gqla_layer import LayerSettings, assemble, factorize_latent, split_keys
+
+    src, x, wo, freqs = _random_layer(6, bias=bias)
+    sa = _sample_attention(src, x, wo, freqs, stride=2)
+    moment = InputMoment.from_samples(x.reshape(-1, x.shape[-1]))
+    settings = LayerSettings(12, 8, 4)
+    split = split_keys(src, moment, settings)
+    fac, e_k, e_v = factorize_latent(split, moment, settings)
+    err = LatentScorer(sa, split, freqs).error(fac)
+    conv = assemble(src, split, fac, settings, e_k, e_v)
+    dense = _dense_error(src, conv, x, wo, freqs, sa.probe.rows, 8, 12)
+    assert 1e-3 < dense and err == pytest.approx(dense, rel=2e-4)
+
+
+@pytest.mark.parametrize("balance", [0.25, 1.0, 8.0])
+def test_shared_gram_factorization_matches_the_direct_one(balance):
+    """MetricLatent (one Gram for every balance, residuals from the Gram) against factorize_metric, which
+    forms L W for the balance and the residual W - B A explicitly."""
+    import math
+
+    from transgqla.mathx.metric_latent import MetricLatent, block_apply
+
+    torch.manual_seed(7)
+    n_g, d, dim, rank = 2, 4, 30, 6
+    w = torch.randn(2 * n_g * d, dim + 1, dtype=torch.float64)
+    x = torch.randn(400, dim, dtype=torch.float64) @ torch.randn(dim, dim, dtype=torch.float64)
+    moment = InputMoment.from_samples(x)
+    a, b = torch.randn(2, n_g, d, d, dtype=torch.float64)
+    km, vm = a @ a.transpose(1, 2), b @ b.transpose(1, 2)
+    latent = MetricLatent(w, moment, km, vm)
+    got = latent.factorize(rank, balance)
+    rk, rv = psd_sqrt(km), psd_sqrt(vm)
+    rk, rv = rk / torch.diagonal(rk, dim1=-2, dim2=-1).mean(), rv / torch.diagonal(rv, dim1=-2, dim2=-1).mean()
+    e_k = float(torch.trace(moment.gram(block_apply(rk, w[: n_g * d]))))
+    e_v = float(torch.trace(moment.gram(block_apply(rv, w[n_g * d:]))))
+    roots = torch.cat((rk * math.sqrt(e_v / e_k * balance), rv))
+    ref = factorize_metric(w, moment, rank, roots)
+    assert torch.allclose(got.up @ got.down, ref.up @ ref.down, atol=1e-9)
+    assert got.captured == pytest.approx(ref.captured, rel=1e-10)
+    assert torch.allclose(got.row_residual, ref.row_residual, rtol=1e-7, atol=1e-9)
+    assert latent.key_energy == pytest.approx(float(torch.trace(moment.gram(w[: n_g * d]))), rel=1e-10)
+    assert latent.value_energy == pytest.approx(float(torch.trace(moment.gram(w[n_g * d:]))), rel=1e-10)
+
+
+def test_grid_descent_finds_the_local_minimum_with_few_evaluations():
+    from transgqla.calib.methods import BALANCE_GRID, grid_descent
+
+    for target in (0.1, 0.3, 1.0, 1.9, 3.0, 9.0):
+        calls = []
+
+        def score(b):
+            calls.append(b)
+            return abs(math.log(b / target)), b
+
+        best, (err, payload) = grid_descent(BALANCE_GRID, 1.0, score)
+        assert best == payload == min(BALANCE_GRID, key=lambda b: abs(math.log(b / target)))
+        assert len(calls) == len(set(calls)) and len(calls) <= len(BALANCE_GRID) - 1
+
+
+def test_layer_search_makes_no_tensor_off_its_inputs_device():
+    """Every tensor the searches create follows its inputs' device: with the default device set to
+    ``meta``, a tensor made without ``device=`` lands on meta and mixing it with the CPU inputs fails."""
+    from transgqla.calib.methods import LatentScorer, grid_descent
+    from transgqla.calib.rope_search import AttentionErrorModel, greedy_rope_basis
+    from transgqla.mathx.gqla_layer import LayerObjective, LayerSettings, assemble, factorize_latent, split_keys
+
+    src, x, wo, freqs = _random_layer(8, bias=True)
+    n_g, d = src.n_groups, src.head_dim
+    moment = InputMoment.from_samples(x.reshape(-1, x.shape[-1]))
+    sa = _sample_attention(src, x, wo, freqs, stride=2)
+    phase = torch.polar(torch.ones(n_g, d // 2, dtype=torch.float64), torch.linspace(0, 1, n_g * d // 2, dtype=torch.float64).view(n_g, -1))
+    key_gram = moment.gram(augment(src.wk, src.bk))
+    metric = torch.eye(d, dtype=torch.float64).expand(n_g, d, d)
+    settings = LayerSettings(12, 8, 4)
+    cost = torch.ones(n_g, d // 2, dtype=torch.float64)
+    torch.set_default_device("meta")
+    try:
+        model = AttentionErrorModel(sa.q, sa.k, sa.v, wo, freqs, phase, sa.scale, probe=sa.probe)
+        basis, _ = greedy_rope_basis(model, key_gram, cost, n_g, d, 8)
+        obj = LayerObjective(rope_basis=basis, nope_phase=phase, key_metric=metric, value_metric=metric)
+        split = split_keys(src, moment, settings, obj)
+        scorer = LatentScorer(sa, split, freqs)
+
+        def score(balance):
+            fac = factorize_latent(split, moment, settings, replace(obj, kv_balance=balance))[0]
+            return scorer.error(fac), fac
+
+        _, (_, fac) = grid_descent((0.5, 1.0, 2.0), 1.0, score)
+        conv = assemble(src, split, fac, settings, 1.0, 1.0)
+    finally:
+        torch.set_default_device("cpu")
+    assert all(t.device.type == "cpu" for t in conv.tensors.values())
+
+
+def test_calibrated_bytes_do_not_depend_on_the_layer_worker(source_factory, tmp_path, monkeypatch):
+    """gqla with calibration, layer math in the writer's thread (0 workers) or on the background worker (1):
+    identical bytes, and identical again on a second run."""
+    from transgqla import convert as convert_module
+    from transgqla.io import SafetensorsCheckpoint as Ckpt
+
+    src, _ = source_factory("qwen2", n_kv=2, n_heads=4, head_dim=16, layers=2)
+    make_tokenizer(src)
+    text = tmp_path / "calib.txt"
+    text.write_text(tiny_text())
+    outs = []
+    for workers in ("0", "1", "1"):
+        monkeypatch.setenv(convert_module.LAYER_WORKERS_ENV, workers)
+        outs.append(tmp_path / f"w{len(outs)}")
+        run_convert(src, outs[-1], method="gqla", kv_lora_rank=20, qk_rope_dim=8, calib=[str(text)],
+                    calib_tokens=1024, calib_seqlen=64)
+    ref = Ckpt(outs[0])
+    for out in outs[1:]:
+        other = Ckpt(out)
+        assert other.names == ref.names
+        for name in ref.names:
+            assert other.read_bytes(name) == ref.read_bytes(name), (out, name)

@@ -55,6 +55,9 @@ class LayerwiseCalibration:
             del embed
         self.positions = torch.arange(windows.shape[1], device=self.device)
         self.next_layer = 0
+        # The source attention outputs the attention-weighted statistics already computed (layer, [chunks]):
+        # advance() adds them instead of running the same attention again.
+        self._attention_out: tuple[int, list[torch.Tensor]] | None = None
 
     @property
     def tokens(self) -> int:
@@ -76,6 +79,8 @@ class LayerwiseCalibration:
         norm_w = self.dec.t[f"model.layers.{layer}.input_layernorm.weight"]
         attn = self.dec.layer(layer, "self_attn.") if attention_weighted else None
         geo = self.dec.geo
+        reuse = attention_weighted and not self.sequential
+        outs = []
         for sl in self._chunks():
             x = rms_norm(self.h[sl], norm_w, geo.eps)
             if sum(s.shape[0] for s in samples) < self.n_samples:
@@ -89,9 +94,23 @@ class LayerwiseCalibration:
                 received = probs.sum(dim=(1, 2)).reshape(-1, 1)  # [B*L, 1]
                 acc_w += ((xa * received).T @ xa).double()
                 weight_sum += float(received.sum())
+                if reuse:
+                    outs.append(self._source_attention_output(x, probs, attn))
+        self._attention_out = (layer, outs) if reuse else None
         moment = InputMoment(dense=acc / self.tokens)
         weighted = InputMoment(dense=acc_w / weight_sum) if attention_weighted else None
         return LayerCalibration(moment=moment, samples=torch.cat(samples), tokens=self.tokens, attention_moment=weighted)
+
+    def _source_attention_output(self, x: torch.Tensor, probs: torch.Tensor, attn: dict) -> torch.Tensor:
+        """``o_proj(probs @ v)`` of the source attention, ``[B, L, D]``, from ``probs[B, n_h, L, L]``."""
+        geo = self.dec.geo
+        b, length, _ = x.shape
+        v = torch.nn.functional.linear(x, attn["v_proj.weight"], attn.get("v_proj.bias"))
+        v = v.view(b, length, geo.n_groups, geo.head_dim).transpose(1, 2)
+        m = geo.n_heads // geo.n_groups
+        o = (probs.view(b, geo.n_groups, m * length, length) @ v).view(b, geo.n_groups, m, length, -1)
+        o = o.permute(0, 3, 1, 2, 4).reshape(b, length, -1)
+        return torch.nn.functional.linear(o, attn["o_proj.weight"], attn.get("o_proj.bias"))
 
     @torch.no_grad()
     def advance(self, layer: int, converted: dict[str, torch.Tensor] | None = None, gqla_config: dict | None = None) -> None:
@@ -105,8 +124,13 @@ class LayerwiseCalibration:
             params["o_proj.weight"] = attn_src["o_proj.weight"]
             if "o_proj.bias" in attn_src:
                 params["o_proj.bias"] = attn_src["o_proj.bias"]
-        for sl in self._chunks():
+        done = self._attention_out[1] if self._attention_out and self._attention_out[0] == layer and not use_converted else None
+        self._attention_out = None
+        for i, sl in enumerate(self._chunks()):
             h = self.h[sl]
+            if done is not None:
+                self.h[sl] = dec.mlp_residual(layer, h + done[i])
+                continue
             x = dec.attention_input(layer, h)
             cache = KVCache("absorb" if use_converted else "source")
             if use_converted:

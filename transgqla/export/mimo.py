@@ -38,13 +38,11 @@ from typing import Any
 import torch
 
 from ..errors import UnsupportedError
-from ..io import TensorSpec
 from ..io.safetensors_format import to_torch_dtype
 from ..mathx.rope import interleaved_to_half, inv_freq, rope_settings
-from ..source_checkpoint import natural_key
 from .deepseek import DTYPE_NAMES, rope_fields
 from .gqla_paths import export_info, finish, fold_layer
-from .source import GQLACheckpoint, write_planned
+from .source import GQLACheckpoint, plan_rewritten, write_planned
 
 _PASS_THROUGH = re.compile(
     r"^(model\.embed_tokens\.weight|model\.norm\.weight|lm_head\.weight|"
@@ -198,15 +196,7 @@ def write_mimo(src: GQLACheckpoint, folder: Path, max_shard_bytes: int, warnings
               "v_proj.weight": (geo.n_groups * geo.d_v, geo.hidden)}
     if with_bias:
         shapes.update({"q_proj.bias": (geo.n_heads * dq,), "k_proj.bias": (geo.n_groups * dq,), "v_proj.bias": (geo.n_groups * geo.d_v,)})
-    specs = [src.ckpt.spec(n) for n in src.ckpt.names if _PASS_THROUGH.match(n)]
-    aliases = {}
-    if "lm_head.weight" not in src.ckpt:
-        emb = src.ckpt.spec("model.embed_tokens.weight")
-        specs.append(TensorSpec("lm_head.weight", emb.dtype, emb.shape))
-        aliases["lm_head.weight"] = "model.embed_tokens.weight"
-    computed = {src.attn(l, rel) for l in range(geo.n_layers) for rel in shapes}
-    specs += [TensorSpec(n, dtype, shapes[n.split("self_attn.")[1]]) for n in computed]
-    specs.sort(key=lambda s: natural_key(s.name))
+    specs, computed, aliases = plan_rewritten(src, lambda n: bool(_PASS_THROUGH.match(n)), shapes, dtype)
 
     def compute(layer: int) -> dict[str, torch.Tensor]:
         return {src.attn(layer, k): v.to(tdt).contiguous() for k, v in mimo_layer(src, layer, with_bias).items()}

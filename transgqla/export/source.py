@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import InputError
-from ..io import SafetensorsCheckpoint, ShardedWriter
+from ..io import SafetensorsCheckpoint, ShardedWriter, TensorSpec
 from ..io.safetensors_format import to_torch_dtype
 from ..model.geometry import GQLAGeometry
 
@@ -125,6 +125,26 @@ def scaled_pieces(ckpt: SafetensorsCheckpoint, name: str, factor: float, buffer:
     for piece in ckpt.iter_bytes(name, buffer):
         x = torch.frombuffer(piece, dtype=dtype)
         yield (x.to(wide) * factor).to(dtype).view(torch.uint8).numpy()
+
+
+def plan_rewritten(src: GQLACheckpoint, keep: Callable[[str], bool], shapes: dict[str, tuple[int, ...]],
+                   dtype: str) -> tuple[list[TensorSpec], set[str], dict[str, str]]:
+    """The tensor plan of an export that rewrites attention: OUT's tensors that ``keep`` passes (copied),
+    a tied ``lm_head`` written out as an alias of the embedding (stock loaders expect it), and every
+    layer's attention tensors named in ``shapes`` (relative to ``self_attn.``, computed in ``dtype``).
+    Returns the specs in natural order, the computed names and the aliases."""
+    from ..source_checkpoint import natural_key
+
+    specs = [src.ckpt.spec(n) for n in src.ckpt.names if keep(n)]
+    aliases = {}
+    if "lm_head.weight" not in src.ckpt:
+        emb = src.ckpt.spec("model.embed_tokens.weight")
+        specs.append(TensorSpec("lm_head.weight", emb.dtype, emb.shape))
+        aliases["lm_head.weight"] = "model.embed_tokens.weight"
+    computed = {src.attn(l, rel) for l in range(src.geo.n_layers) for rel in shapes}
+    specs += [TensorSpec(n, dtype, shapes[n.split("self_attn.")[1]]) for n in computed]
+    specs.sort(key=lambda s: natural_key(s.name))
+    return specs, computed, aliases
 
 
 def write_planned(src: GQLACheckpoint, folder: Path, specs, computed: set[str], compute: Callable[[int], dict],

@@ -180,9 +180,9 @@ def refine_attention(
         frac = step / warm if step <= warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, settings.steps - warm)))
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * frac
-        wins = torch.randperm(train, generator=gen)[:per_step].tolist()
-        q_pos = torch.stack([torch.randperm(length, generator=gen)[:n_q].sort().values for _ in wins]).to(device)
-        xb = x[wins]
+        wins = torch.randperm(train, generator=gen, device="cpu")[:per_step].tolist()
+        q_pos = torch.stack([torch.randperm(length, generator=gen, device="cpu")[:n_q].sort().values for _ in wins]).to(device)
+        xb = torch.cat([x[w:w + 1] for w in wins])  # slices, not a list index: no index tensor to place
         with torch.no_grad():
             for w in wins:
                 if w not in kv_cache:

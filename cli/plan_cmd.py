@@ -101,15 +101,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _bench(shape, work, device: str) -> dict[str, Any]:
-    import torch
-
-    from transgqla.errors import InputError
+    from transgqla.devices import resolve_device
     from transgqla.plan_bench import bench
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: CUDA is not available on this machine (use auto or cpu)")
-    if device not in ("cpu", "cuda"):
-        raise InputError(f"--device must be auto, cpu or cuda, got {device!r}")
-    return bench(shape, work, device)
+    return bench(shape, work, str(resolve_device(device)))

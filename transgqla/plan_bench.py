@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 
+from .devices import synchronize
 from .mathx.decode_kernels import absorb_attention, gqa_attention
 from .plan import Shape, Workload
 
@@ -23,12 +24,10 @@ def _time(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
     fn()
     runs = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         runs.append(time.perf_counter() - start)
     return statistics.median(runs)
 

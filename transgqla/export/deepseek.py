@@ -58,6 +58,14 @@ ENGINE_BIAS_MESSAGE = ("{arch} attention biases ({names}) have no slot in vLLM/S
 DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 
 
+def stock_common(src: GQLACheckpoint) -> dict[str, Any]:
+    """Config fields every stock-class export writes alike: untied head (written out), token ids, dtype."""
+    cfg = src.config
+    return {"tie_word_embeddings": False, "use_cache": True, "bos_token_id": cfg.get("bos_token_id"),
+            "eos_token_id": cfg.get("eos_token_id"), "pad_token_id": cfg.get("pad_token_id"),
+            "dtype": DTYPE_NAMES[src.dtype], "torch_dtype": DTYPE_NAMES[src.dtype]}
+
+
 def _source_arch(src: GQLACheckpoint) -> str:
     arch = ((src.config.get("gqla") or {}).get("source") or {}).get("architecture") or "the source's"
     return {"Qwen2ForCausalLM": "Qwen2"}.get(arch, arch)
@@ -197,13 +205,7 @@ def deepseek_config(src: GQLACheckpoint, target: str, norms: list, info: dict[st
         "initializer_range": float(cfg.get("initializer_range", 0.02)),
         "attention_bias": not engines,
         "attention_dropout": 0.0,
-        "tie_word_embeddings": False,
-        "use_cache": True,
-        "bos_token_id": cfg.get("bos_token_id"),
-        "eos_token_id": cfg.get("eos_token_id"),
-        "pad_token_id": cfg.get("pad_token_id"),
-        "dtype": DTYPE_NAMES[src.dtype],
-        "torch_dtype": DTYPE_NAMES[src.dtype],
+        **stock_common(src),
         "transgqla": {
             **info,
             "target": target,

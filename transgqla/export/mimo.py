@@ -40,7 +40,7 @@ import torch
 from ..errors import UnsupportedError
 from ..io.safetensors_format import to_torch_dtype
 from ..mathx.rope import interleaved_to_half, inv_freq, rope_settings
-from .deepseek import DTYPE_NAMES, rope_fields
+from .deepseek import rope_fields, stock_common
 from .gqla_paths import export_info, finish, fold_layer
 from .source import GQLACheckpoint, plan_rewritten, write_planned
 
@@ -176,13 +176,7 @@ def mimo_config(src: GQLACheckpoint, info: dict[str, Any], with_bias: bool) -> d
         "num_experts_per_tok": 1,
         "moe_intermediate_size": int(cfg["intermediate_size"]),
         "initializer_range": float(cfg.get("initializer_range", 0.02)),
-        "tie_word_embeddings": False,
-        "use_cache": True,
-        "bos_token_id": cfg.get("bos_token_id"),
-        "eos_token_id": cfg.get("eos_token_id"),
-        "pad_token_id": cfg.get("pad_token_id"),
-        "dtype": DTYPE_NAMES[src.dtype],
-        "torch_dtype": DTYPE_NAMES[src.dtype],
+        **stock_common(src),
         "transgqla": {**info, "gqla": {k: cfg["gqla"].get(k) for k in ("format_version", "source", "conversion")}},
     }
 

@@ -185,7 +185,7 @@ def recipes(as_json: bool = typer.Option(False, "--json", help="Print one JSON d
 
 
 def _plan_doc(plan) -> dict[str, Any]:
-    from transgqla.gqla_config import cache_sizes
+    from transgqla.format import cache_sizes
 
     return {
         "ok": True,

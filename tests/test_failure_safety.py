@@ -25,7 +25,8 @@ import torch
 from typer.testing import CliRunner
 
 from transgqla.cli.app import app
-from transgqla.convert import PROGRESS, ConversionInterrupted, ConvertRequest, convert
+from transgqla.convert import ConversionInterrupted, ConvertRequest, convert
+from transgqla.io.staging import PROGRESS
 from transgqla.io import writer as writer_mod
 
 from conftest import make_source

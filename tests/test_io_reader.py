@@ -1,4 +1,4 @@
-"""SafetensorsCheckpoint and resolve_source, checked against the real `safetensors` package."""
+"""SafetensorsCheckpoint (io/reader.py) and resolve_source (io/hub.py), checked against the real `safetensors` package."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import torch
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from transgqla.errors import InputError, UnsupportedError  # noqa: E402
-from transgqla.io.reader import SafetensorsCheckpoint, resolve_source  # noqa: E402
+from transgqla.io.hub import resolve_source  # noqa: E402
+from transgqla.io.reader import SafetensorsCheckpoint  # noqa: E402
 from transgqla.io.safetensors_format import TensorSpec  # noqa: E402
 
 

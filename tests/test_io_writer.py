@@ -1,4 +1,4 @@
-"""plan_shards, ShardedWriter and StagedOutput, checked against the real `safetensors` package."""
+"""plan_shards, ShardedWriter (io/writer.py) and StagedOutput (io/staging.py), checked against the real `safetensors` package."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from transgqla.errors import OutputError  # noqa: E402
 from transgqla.io import writer as writer_mod  # noqa: E402
 from transgqla.io.reader import SafetensorsCheckpoint  # noqa: E402
 from transgqla.io.safetensors_format import TensorSpec, spec_of  # noqa: E402
+from transgqla.io.staging import StagedOutput  # noqa: E402
 from transgqla.io.writer import (  # noqa: E402
     ShardedWriter,
-    StagedOutput,
     copy_file_hashed,
     ensure_free_space,
     plan_shards,

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from helpers import run_convert
 from transgqla.cli.verify_cmd import register
-from transgqla.convert import MANIFEST
+from transgqla.format import MANIFEST
 from transgqla.io import sha256_file
 from transgqla.mathx.rope import interleaved_to_half
 from transgqla.verify import FidelityBounds, run_verify

@@ -1,20 +1,17 @@
 """``transgqla convert``: plan and validate a conversion, then stream it into a staged output folder.
 
-Plan first: the source is resolved, its config and every shard header validated, the settings
-resolved and the full list of output tensors (names, dtypes, shapes) fixed before one byte is
-written. Then layer by layer: the layer's q/k/v are read (wherever their shards are), converted
-(float64 when calibrated, float32 data-free; see mathx/lowrank.py on precision) and written in the
-output dtype; every other tensor is copied byte for byte, through a fixed 64 MiB buffer.
+Plan first (:func:`plan_conversion`): the source is resolved, its config and every shard header
+validated, the settings resolved and the full list of output tensors (names, dtypes, shapes) fixed
+before one byte is written. Then (:func:`run_conversion`) layer by layer: the layer's q/k/v are read
+(wherever their shards are), converted (float64 when calibrated, float32 data-free; see
+mathx/lowrank.py on precision) and written in the output dtype; every other tensor is copied byte for
+byte, through a fixed 64 MiB buffer. What is written, and how, is the format's (:mod:`transgqla.format`).
 
-Failure safety. Everything is written into ``.<OUT>.transgqla-partial`` (marked ``INCOMPLETE``) and
-renamed to OUT only when complete. Each output shard is renamed into place once whole and fsynced, and
-then recorded in ``transgqla-progress.json`` (written atomically) with its sha256, the layer reports
-known so far and a fingerprint of the plan (source, settings, output tensors, calibration tokens). With
-``resume=True`` a later run whose plan fingerprint matches re-verifies the recorded shards, keeps them
-and writes the rest; the result is bit-identical to an uninterrupted run because every shard's bytes
-are a pure function of the plan. Data-free conversions only recompute the layers that feed unfinished
-shards; calibrated ones recompute every layer in order (calibration must see the layers in order) and
-only skip writing the finished shards.
+Failure safety and resume: :mod:`transgqla.io.staging` (the staged folder and its journal). With
+``resume=True`` a run whose plan fingerprint (:func:`plan_fingerprint`) matches keeps the finished
+shards; data-free conversions only recompute the layers that feed unfinished shards, calibrated ones
+recompute every layer in order (calibration must see the layers in order) and only skip writing the
+finished shards.
 
 Overlap. The per-layer math runs on a background thread (``layer_prefetch``), one layer ahead of
 the writer, so it overlaps the copying of everything else. It runs on a fixed number of torch
@@ -33,7 +30,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -44,10 +40,12 @@ import torch
 
 from . import __version__, hf_remote
 from .errors import InputError, OutputError, UnsupportedError
-from .gqla_config import build_config, cache_sizes
-from .io import SafetensorsCheckpoint, ShardedWriter, StagedOutput, TensorSpec, copy_file_hashed, ensure_free_space
+from .format import (COPIED_FILES, DEFAULT_SHARD_BYTES, MANIFEST, REMOTE_CODE, WRITER_METADATA, AttentionDims,
+                     build_config, cache_sizes, converted_names, json_bytes, manifest)
+from .io import SafetensorsCheckpoint, ShardedWriter, StagedRun, TensorSpec, copy_file_hashed, open_staged_run
 from .io.safetensors_format import to_torch_dtype
-from .io.writer import MARKER, plan_shards, sha256_file, shard_file_name, staging_path, write_file_atomic
+from .io.staging import JOURNAL_VERSION
+from .io.writer import plan_shards, shard_file_name, write_file_atomic
 from .layer_converters import CalibratedConverter, DataFreeConverter
 from .layer_prefetch import LayerPrefetcher
 from .settings import ConversionSettings, resolve_settings
@@ -55,19 +53,10 @@ from .source_checkpoint import load_config, natural_key, resolve, validate_tenso
 from .source_geometry import SourceGeometry, read_geometry
 
 Progress = Callable[[str, int, int], None]
-MANIFEST = "transgqla-manifest.json"
 AUTO_CALIB = "auto"
-REMOTE_CODE = ("configuration_gqla.py", "modeling_gqla.py")
-DEFAULT_SHARD_BYTES = 5 * 1024**3
-COPIED_FILES = re.compile(
-    r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.json|merges\.txt|"
-    r"generation_config\.json|chat_template.*|.*\.tiktoken|tokenizer\.model)$"
-)
 DROPPED_TENSORS = re.compile(r"\.rotary_emb\.inv_freq$")  # stale buffers some old checkpoints saved
 DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 ATTN_SOURCE_PARTS = ("q", "k", "v")
-PROGRESS = "transgqla-progress.json"  # the resume journal inside the staging folder
-JOURNAL_VERSION = 1
 MATH_THREADS_ENV = "TRANSGQLA_MATH_THREADS"
 LAYER_WORKERS_ENV = "TRANSGQLA_LAYER_WORKERS"
 DEFAULT_MATH_THREADS = 1
@@ -76,7 +65,6 @@ COPY_BUFFER_BYTES = 64 * 1024**2  # copied tensors stream through this (embeddin
 DATA_FREE_WORKERS = 2  # data-free layers are independent: two at a time (benchmarks/README.md)
 KILL_ENV = "TRANSGQLA_TEST_KILL"
 KILL_SIGNAL_ENV = "TRANSGQLA_TEST_KILL_SIGNAL"
-WRITER_METADATA = {"gqla_format_version": "1"}
 
 
 class ConversionInterrupted(KeyboardInterrupt):
@@ -156,25 +144,6 @@ class ConversionResult:
         }
 
 
-def _output_names(geo: SourceGeometry) -> list[str]:
-    names = ["q_proj.weight", "kv_a_proj_with_mqa.weight", "kv_b_proj.weight"]
-    if geo.qkv_bias:
-        names += ["q_proj.bias", "kv_a_proj_with_mqa.bias", "kv_b_proj.bias"]
-    return names
-
-
-def _output_shapes(geo: SourceGeometry, s: ConversionSettings) -> dict[str, tuple[int, ...]]:
-    d, dr, r = geo.head_dim, s.qk_rope_head_dim, s.kv_lora_rank
-    return {
-        "q_proj.weight": (geo.n_heads * (d + dr), geo.hidden),
-        "kv_a_proj_with_mqa.weight": (r + dr, geo.hidden),
-        "kv_b_proj.weight": (geo.n_groups * 2 * d, r),
-        "q_proj.bias": (geo.n_heads * (d + dr),),
-        "kv_a_proj_with_mqa.bias": (r + dr,),
-        "kv_b_proj.bias": (geo.n_groups * 2 * d,),
-    }
-
-
 def plan_conversion(request: ConvertRequest) -> ConversionPlan:
     """Resolve, read and validate everything; fix the output tensor list. Writes nothing."""
     path, identity = resolve(request.source, request.revision)
@@ -220,10 +189,10 @@ def plan_conversion(request: ConvertRequest) -> ConversionPlan:
         windows = calibration_windows(calib, path, request.calib_seqlen, request.calib_tokens, request.device).windows
     replaced = {fam.tensor(l, p, k) for l in range(geo.n_layers) for p in ATTN_SOURCE_PARTS for k in ("weight", "bias")}
     outputs = [ckpt.spec(n) for n in ckpt.names if n not in replaced and not DROPPED_TENSORS.search(n)]
-    shapes = _output_shapes(geo, settings)
+    shapes = AttentionDims.of_conversion(geo, settings).shapes()
     converted: dict[str, tuple[int, str]] = {}
     for layer in range(geo.n_layers):
-        for rel in _output_names(geo):
+        for rel in converted_names(geo.qkv_bias):
             name = fam.attention_prefix(layer) + rel
             converted[name] = (layer, rel)
             outputs.append(TensorSpec(name, DTYPES[out_dtype], shapes[rel]))
@@ -287,67 +256,6 @@ def plan_fingerprint(plan: ConversionPlan) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-@dataclass
-class _ResumeState:
-    keep: bool  # reuse the staging folder
-    completed: dict[str, str]  # verified shard file -> sha256
-    layers: dict[int, dict[str, Any]]  # layer reports recorded by the interrupted run
-    note: str
-
-
-def _inspect_staging(staging: Path, fingerprint: str, force: bool, shard_files: list[str]) -> _ResumeState:
-    """Decide what a --resume run can keep. Reads only; a mismatching plan is an error unless forced."""
-    fresh = lambda note: _ResumeState(False, {}, {}, note)  # noqa: E731
-    if not staging.is_dir() or staging.is_symlink():
-        return fresh(f"no partial output at {staging}; started fresh")
-    try:
-        doc = json.loads((staging / PROGRESS).read_text(encoding="utf-8"))
-        if not isinstance(doc, dict) or doc.get("version") != JOURNAL_VERSION:
-            raise ValueError("unknown journal version")
-        plan_fp, shards, layers = doc["plan"], doc["shards"], doc["layers"]
-        if not isinstance(shards, dict) or not isinstance(layers, dict):
-            raise ValueError("bad journal")
-        layer_reports = {int(k): dict(v) for k, v in layers.items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return fresh(f"partial output at {staging} has no usable progress journal; started fresh")
-    if plan_fp != fingerprint:
-        if force:
-            return fresh(f"partial output at {staging} was for another source or settings; discarded (--force)")
-        raise OutputError(
-            f"the partial output in {staging} was made from another source or with other settings; "
-            "rerun without --resume to start over (or with --force)"
-        )
-    completed = {}
-    for name, digest in shards.items():
-        if name in shard_files and (staging / name).is_file() and sha256_file(staging / name) == digest:
-            completed[name] = digest
-    return _ResumeState(True, completed, layer_reports,
-                        f"resumed from {staging}: {len(completed)} of {len(shard_files)} shards kept")
-
-
-class _Journal:
-    """``transgqla-progress.json`` in the staging folder, rewritten atomically after every shard."""
-
-    def __init__(self, folder: Path, fingerprint: str, shards: dict[str, str], layers: dict[int, dict[str, Any]]):
-        self.path = folder / PROGRESS
-        self.fingerprint, self.shards, self.layers = fingerprint, dict(shards), layers
-
-    def save(self) -> None:
-        doc = {
-            "version": JOURNAL_VERSION,
-            "plan": self.fingerprint,
-            "shards": dict(sorted(self.shards.items())),
-            "layers": {str(k): v for k, v in sorted(self.layers.items())},
-        }
-        write_file_atomic(self.path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
-
-    def remove(self) -> None:
-        try:
-            self.path.unlink(missing_ok=True)
-        except OSError as exc:
-            raise OutputError(f"cannot remove {self.path}: {exc.strerror or exc}") from None
-
-
 class _KillHook:
     """The fault-injection test hook (``TRANSGQLA_TEST_KILL``); inert unless the variable is set."""
 
@@ -369,20 +277,6 @@ class _KillHook:
             return
         os.kill(os.getpid(), self.signal)
         time.sleep(0.5)  # let an asynchronous handler (TERM, INT) run here, not later
-
-
-def _clean_staging(staging: Path, keep: set[str]) -> None:
-    """Remove everything in the staging folder except the files named in ``keep``."""
-    try:
-        for entry in staging.iterdir():
-            if entry.name in keep:
-                continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-    except OSError as exc:
-        raise OutputError(f"cannot clean the partial output in {staging}: {exc.strerror or exc}") from None
 
 
 def _layer_converter(plan: ConversionPlan):
@@ -409,137 +303,154 @@ def _cast_converter(convert_layer, out_dtype: torch.dtype):
     return work
 
 
-def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> ConversionResult:
-    """Write the planned checkpoint into a staged folder and move it to OUT when complete.
 
-    Input errors found while converting (NaN weights, a shard changed underneath) remove the staging
-    folder; output errors (disk full) and interrupts keep it, marked INCOMPLETE, for ``resume``."""
-    request, s = plan.request, plan.settings
-    start = time.perf_counter()
-    hook = _KillHook()
-    staging = staging_path(request.out)
-    staged: StagedOutput | None = None
-    writer: ShardedWriter | None = None
-    prefetch: LayerPrefetcher | None = None
-    torch_threads = torch.get_num_threads()
-    resume_info: dict[str, Any] | None = None
-    try:
-        fingerprint = plan_fingerprint(plan)
-        shard_plan = plan_shards(plan.outputs, request.max_shard_bytes)
-        shard_files = [shard_file_name(i, len(shard_plan)) for i in range(len(shard_plan))]
-        state = _ResumeState(False, {}, {}, "")
-        if request.resume:
-            state = _inspect_staging(staging, fingerprint, request.force, shard_files)
-            resume_info = {"staging": str(staging), "continued": state.keep,
-                           "shards_kept": len(state.completed), "shards_total": len(shard_files), "note": state.note}
-        kept_bytes = sum((staging / f).stat().st_size for f in state.completed)
-        ensure_free_space(staging, max(0, plan.output_bytes - kept_bytes))
-        staged = StagedOutput(request.out, request.force, protect=[plan.source_path], resume=state.keep)
-        if state.keep:
-            _clean_staging(staged.path, {MARKER, PROGRESS, *state.completed})
-        calibrated = plan.windows is not None
-        reports: dict[int, dict[str, Any]] = {} if calibrated else {
-            l: r for l, r in state.layers.items() if 0 <= l < plan.geo.n_layers}
-        journal = _Journal(staged.path, fingerprint, state.completed, reports)
-        journal.save()
 
+class _Job:
+    """One run of a plan: the steps of :func:`run_conversion` and what each leaves open (the staged run,
+    the writer, the math thread), so that :meth:`settle` can apply the one failure policy."""
+
+    def __init__(self, plan: ConversionPlan, progress: Progress | None) -> None:
+        self.plan, self.progress, self.hook = plan, progress, _KillHook()
+        self.run: StagedRun | None = None
+        self.writer: ShardedWriter | None = None
+        self.prefetch: LayerPrefetcher | None = None
+        self.torch_threads = torch.get_num_threads()
+
+    def open_staging(self) -> StagedRun:
+        """OUT's staging folder and journal; with ``resume``, what an interrupted run of this plan left."""
+        plan, r = self.plan, self.plan.request
+        shards = plan_shards(plan.outputs, r.max_shard_bytes)
+        reuse = range(0) if plan.windows is not None else range(plan.geo.n_layers)  # calibration redoes all
+        self.run = open_staged_run(
+            r.out, fingerprint=plan_fingerprint(plan), shard_files=[shard_file_name(i, len(shards)) for i in
+                                                                     range(len(shards))],
+            output_bytes=plan.output_bytes, force=r.force, resume=r.resume, protect=[plan.source_path],
+            reuse_layers=reuse)
+        return self.run
+
+    def open_writer(self, run: StagedRun) -> ShardedWriter:
         def shard_done(index: int, name: str, digest: str) -> None:
-            journal.shards[name] = digest
-            journal.save()
-            hook("shard")
+            run.shard_done(name, digest)
+            self.hook("shard")
 
-        writer = ShardedWriter(staged.path, plan.outputs, request.max_shard_bytes, WRITER_METADATA,
-                               completed=state.completed, on_shard=shard_done)
-        assert writer.files == shard_files
-        # Layers to compute, in write order: calibration must see every layer in order; data-free,
-        # those feeding an unfinished shard or lacking a report (from an interrupted run).
+        self.writer = ShardedWriter(run.path, self.plan.outputs, self.plan.request.max_shard_bytes, WRITER_METADATA,
+                                    completed=run.kept.shards, on_shard=shard_done)
+        return self.writer
+
+    def start_math(self, run: StagedRun, writer: ShardedWriter) -> set[int]:
+        """Start the layer math for the layers still needed, in write order: calibration must see every
+        layer in order; data-free, those feeding an unfinished shard or lacking a report."""
+        plan = self.plan
+        calibrated = plan.windows is not None
         needed = sorted({layer for name, (layer, _) in plan.converted.items()
-                         if calibrated or layer not in reports or not writer.is_done(name)})
-        needed_set = set(needed)
-        prefetch = LayerPrefetcher(_cast_converter(_layer_converter(plan), to_torch_dtype(DTYPES[s.dtype])),
-                                   needed, ahead=LAYERS_AHEAD, threads=plan.math_threads,
-                                   workers=plan.layer_workers)
+                         if calibrated or layer not in run.layers or not writer.is_done(name)})
+        work = _cast_converter(_layer_converter(plan), to_torch_dtype(DTYPES[plan.settings.dtype]))
+        self.prefetch = LayerPrefetcher(work, needed, ahead=LAYERS_AHEAD, threads=plan.math_threads,
+                                        workers=plan.layer_workers)
+        return set(needed)
+
+    def stream_tensors(self, run: StagedRun, writer: ShardedWriter, needed: set[int]) -> dict[str, str]:
+        """Every planned tensor in write order (converted ones from the math, the rest copied byte for byte;
+        those in kept shards skipped); returns ``{file: sha256}`` of the shards and the index."""
+        plan, reports, prefetch = self.plan, run.layers, self.prefetch
+        assert prefetch is not None
         current: tuple[int, dict[str, torch.Tensor]] | None = None
         copy_buffer = bytearray(COPY_BUFFER_BYTES)
-
-        def converted_layer(layer: int) -> dict[str, torch.Tensor]:
-            nonlocal current
-            if current is None or current[0] != layer:
-                current = None  # drop the previous layer's tensors before waiting for the next
-                report, tensors = prefetch.get(layer)
-                reports[layer] = {"layer": layer, **report}
-                current = (layer, tensors)
-                if progress:
-                    progress("layers", len(reports), plan.geo.n_layers)
-            return current[1]
-
-        if progress:  # the starting point (layers a resumed run already has), before any new work
-            progress("layers", len(reports), plan.geo.n_layers)
+        if self.progress:  # the starting point (layers a resumed run already has), before any new work
+            self.progress("layers", len(reports), plan.geo.n_layers)
         for spec in plan.outputs:
             done = writer.is_done(spec.name)
             if spec.name in plan.converted:
                 layer, rel = plan.converted[spec.name]
-                if layer in needed_set:
-                    tensors = converted_layer(layer)
+                if layer in needed and (current is None or current[0] != layer):
+                    current = None  # drop the previous layer's tensors before waiting for the next
+                    report, tensors = prefetch.get(layer)
+                    reports[layer] = {"layer": layer, **report}
+                    current = (layer, tensors)
+                    if self.progress:
+                        self.progress("layers", len(reports), plan.geo.n_layers)
                 if done:
                     writer.skip(spec.name)
                 else:
-                    writer.write(spec.name, tensors[rel])
+                    assert current is not None and current[0] == layer
+                    writer.write(spec.name, current[1][rel])
             elif done:
                 writer.skip(spec.name)
             else:
                 writer.write_stream(spec.name, plan.checkpoint.iter_bytes(spec.name, copy_buffer))
             if not done:
-                hook("tensor")
+                self.hook("tensor")
         prefetch.close()
-        current = None
-        files = writer.close()
-        for src_file in plan.copied_files:
-            files[src_file.name] = copy_file_hashed(src_file, staged.path / src_file.name)
-        for code in REMOTE_CODE:  # so that transformers loads OUT with trust_remote_code=True
-            files[code] = copy_file_hashed(Path(hf_remote.__file__).parent / code, staged.path / code)
-        layer_reports = [reports[l] for l in sorted(reports)]
-        config = build_config(plan.source_config, plan.geo, s, plan.identity, layer_reports,
-                              o_proj_bias=plan.geo.family.tensor(0, "o", "bias") in plan.checkpoint,
-                              calibration=_calibration_record(plan))
-        config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
-        write_file_atomic(staged.path / "config.json", config_bytes)
-        files["config.json"] = hashlib.sha256(config_bytes).hexdigest()
-        manifest = {"format_version": 1, "files": dict(sorted(files.items()))}
-        write_file_atomic(staged.path / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
-        journal.remove()
-        hook("commit")
-        out = staged.commit()
-    except (InputError, UnsupportedError):
-        if writer is not None:
-            writer.abort()
-        if staged is not None:
-            shutil.rmtree(staged.path, ignore_errors=True)  # bad input: nothing worth resuming
-        raise
-    except OutputError as exc:
-        if writer is not None:
-            writer.abort()
-        if staged is None or staged.committed or not staged.path.is_dir():
-            raise
-        raise OutputError(f"{exc}; the partial output is kept in {staged.path}: rerun with --resume to continue") from None
-    except KeyboardInterrupt:
-        if writer is not None:
-            writer.abort()
-        if staged is None or staged.committed or not staged.path.is_dir():
-            raise ConversionInterrupted("interrupted; nothing was written") from None
-        raise ConversionInterrupted(
-            f"interrupted; the partial output is kept in {staged.path}: rerun the same command with --resume to continue"
-        ) from None
-    except BaseException:
-        if writer is not None:
-            writer.abort()
+        return writer.close()
+
+    def settle(self, exc: BaseException) -> None:
+        """The one failure policy. Bad input found while converting (NaN weights, a shard changed underneath)
+        removes the staging folder: nothing worth resuming. Output errors (disk full) and interrupts keep
+        it, marked INCOMPLETE, and say so in one line. Raises that line; returns to re-raise ``exc`` as is."""
+        if self.writer is not None:
+            self.writer.abort()
+        run = self.run
+        kept = run is not None and run.kept_on_disk
+        if isinstance(exc, (InputError, UnsupportedError)):
+            if run is not None:
+                run.discard()
+        elif isinstance(exc, OutputError) and kept:
+            raise OutputError(f"{exc}; the partial output is kept in {run.path}: rerun with --resume to continue") from None
+        elif isinstance(exc, KeyboardInterrupt):
+            if not kept:
+                raise ConversionInterrupted("interrupted; nothing was written") from None
+            raise ConversionInterrupted(f"interrupted; the partial output is kept in {run.path}: rerun the same "
+                                        "command with --resume to continue") from None
+
+    def close(self) -> None:
+        if self.prefetch is not None:
+            self.prefetch.close()
+        self.plan.checkpoint.close()
+        torch.set_num_threads(self.torch_threads)  # the worker pinned the process-wide count
+
+
+def _copy_files(plan: ConversionPlan, folder: Path) -> dict[str, str]:
+    """The source's tokenizer and generation files, and the remote code (``trust_remote_code=True`` loading)."""
+    files = {f.name: copy_file_hashed(f, folder / f.name) for f in plan.copied_files}
+    for code in REMOTE_CODE:
+        files[code] = copy_file_hashed(Path(hf_remote.__file__).parent / code, folder / code)
+    return files
+
+
+def _write_config(plan: ConversionPlan, folder: Path, layer_reports: list[dict[str, Any]]) -> str:
+    """config.json (the format's builder); returns its sha256."""
+    config = build_config(plan.source_config, plan.geo, plan.settings, plan.identity, layer_reports,
+                          o_proj_bias=plan.geo.family.tensor(0, "o", "bias") in plan.checkpoint,
+                          calibration=_calibration_record(plan))
+    data = json_bytes(config)
+    write_file_atomic(folder / "config.json", data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> ConversionResult:
+    """Write the planned checkpoint into a staged folder and move it to OUT when complete.
+
+    Resolution, validation and planning happened in :func:`plan_conversion`; what remains, in order:"""
+    start = time.perf_counter()
+    job = _Job(plan, progress)
+    try:
+        run = job.open_staging()                           # 1. staging folder + journal (what a resume keeps)
+        writer = job.open_writer(run)                      # 2. the planned shards (kept ones are skipped)
+        needed = job.start_math(run, writer)               # 3. the layer math, on its own thread
+        files = job.stream_tensors(run, writer, needed)    # 4. convert + copy every tensor; shards, index
+        files |= _copy_files(plan, run.path)               # 5. tokenizer, generation files, remote code
+        layer_reports = [run.layers[layer] for layer in sorted(run.layers)]
+        files["config.json"] = _write_config(plan, run.path, layer_reports)  # 6. config, then the manifest
+        write_file_atomic(run.path / MANIFEST, json_bytes(manifest(files)))
+        run.finish()                                       # 7. commit: drop the journal, rename to OUT
+        job.hook("commit")
+        out = run.commit()
+    except BaseException as exc:
+        job.settle(exc)
         raise
     finally:
-        if prefetch is not None:
-            prefetch.close()
-        plan.checkpoint.close()
-        torch.set_num_threads(torch_threads)  # the worker pinned the process-wide count
-    return ConversionResult(out, plan, layer_reports, time.perf_counter() - start, files, resume_info)
+        job.close()
+    return ConversionResult(out, plan, layer_reports, time.perf_counter() - start, files, run.resume_info)
 
 
 def convert(request: ConvertRequest, progress: Progress | None = None) -> ConversionResult:

@@ -26,19 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..errors import InputError, VerificationError
+from ..format import DEFAULT_SHARD_BYTES, MANIFEST
 from ..io import StagedOutput, ensure_free_space
 from .check import (CHECK_MODES, Candidate, CheckResult, FoldedGQADecoder, decoder_candidate, deepseek_candidate,
                     manifest_check, mimo_candidate, run_check, tokens_must_match, tolerance_for)
-from .source import MANIFEST
 from .source import GQLACheckpoint, open_gqla
 
 PATHS = ("absorb", "gqa")
 FORMATS = ("gqla", "deepseek", "mimo")
 TARGETS = ("engines", "transformers")
-DEFAULT_SHARD_BYTES = 5 * 1024**3
 
 __all__ = ["ExportRequest", "ExportResult", "run_export", "export", "PATHS", "FORMATS"]
 

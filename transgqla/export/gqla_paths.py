@@ -44,13 +44,14 @@ from ..io import TensorSpec, copy_file_hashed
 from ..io.safetensors_format import to_torch_dtype
 from ..io.writer import INDEX_NAME
 from ..source_checkpoint import natural_key
-from .source import MANIFEST, REMOTE_CODE, GQLACheckpoint, write_planned
+from ..format import MANIFEST, REMOTE_CODE, json_bytes, manifest
+from .source import GQLACheckpoint, write_planned
 
 FOLDED_ARCHITECTURE = "GQLAFoldedGQAForCausalLM"
 
 
 def _write_json(folder: Path, name: str, obj: Any, files: dict[str, str]) -> None:
-    data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+    data = json_bytes(obj)
     (folder / name).write_bytes(data)
     files[name] = hashlib.sha256(data).hexdigest()
 
@@ -64,10 +65,7 @@ def finish(src: GQLACheckpoint, folder: Path, config: dict, files: dict[str, str
         for code in REMOTE_CODE:
             files[code] = copy_file_hashed(Path(hf_remote.__file__).parent / code, folder / code)
     _write_json(folder, "config.json", config, files)
-    manifest = {"format_version": 1, "files": dict(sorted(files.items()))}
-    if export_info is not None:
-        manifest["export"] = export_info
-    _write_json(folder, MANIFEST, manifest, {})
+    _write_json(folder, MANIFEST, manifest(files, export_info), {})
     return files
 
 

@@ -1,9 +1,9 @@
-"""OUT, the GQLA checkpoint an export reads: config checks, geometry, per-layer attention tensors."""
+"""OUT, the GQLA checkpoint an export reads: opened and checked against the format (:mod:`transgqla.format`),
+its geometry, per-layer attention tensors, and the streaming writer the rewritten exports share."""
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -11,17 +11,11 @@ from typing import Any, Callable
 import torch
 
 from ..errors import InputError
+from ..format import COPIED_FILES, FLOAT_DTYPES, FORMAT_VERSION, MANIFEST, MODEL_TYPE, attention_tensors
 from ..io import SafetensorsCheckpoint, ShardedWriter, TensorSpec
 from ..io.safetensors_format import to_torch_dtype
 from ..model.geometry import GQLAGeometry
 
-MANIFEST = "transgqla-manifest.json"
-REMOTE_CODE = ("configuration_gqla.py", "modeling_gqla.py")
-#: Files other than weights and config that travel with a checkpoint (same list as ``convert``).
-COPIED_FILES = re.compile(
-    r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.json|merges\.txt|"
-    r"generation_config\.json|chat_template.*|.*\.tiktoken|tokenizer\.model)$"
-)
 ATTN = "model.layers.{}.self_attn."
 COPY_BUFFER_BYTES = 64 * 1024**2
 
@@ -69,47 +63,35 @@ def open_gqla(folder: Path) -> GQLACheckpoint:
     except (OSError, ValueError) as exc:
         raise InputError(f"{folder}/config.json cannot be read: {exc}".splitlines()[0]) from None
     gq = config.get("gqla") if isinstance(config, dict) else None
-    if not isinstance(config, dict) or config.get("model_type") != "gqla" or not isinstance(gq, dict):
+    if not isinstance(config, dict) or config.get("model_type") != MODEL_TYPE or not isinstance(gq, dict):
         kind = config.get("model_type") if isinstance(config, dict) else None
         raise InputError(f"{folder} is not a GQLA checkpoint (model_type {kind!r}); export reads the output of transgqla convert")
-    if gq.get("format_version") != 1:
-        raise InputError(f"{folder} has GQLA format_version {gq.get('format_version')!r}; this transgqla reads version 1")
+    if gq.get("format_version") != FORMAT_VERSION:
+        raise InputError(f"{folder} has GQLA format_version {gq.get('format_version')!r}; this transgqla reads version {FORMAT_VERSION}")
     if (gq.get("export") or {}).get("folded"):
         raise InputError(f"{folder} is a --fold-kv export (no latent left); export from the GQLA checkpoint it came from")
     if config.get("q_lora_rank"):
         raise InputError(f"{folder} has a factorized query (q_lora_rank); export supports q_proj checkpoints only")
     try:
         geo = GQLAGeometry.from_config(config)
+        required, optional = attention_tensors(config)
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"{folder}/config.json lacks a GQLA geometry field: {exc}") from None
+    if geo.n_heads % geo.n_groups:
+        raise InputError(f"{folder}: num_attention_heads {geo.n_heads} is not a multiple of num_key_value_heads {geo.n_groups}")
     ckpt = SafetensorsCheckpoint(folder)
     try:
-        n_h, n_g, dq, r = geo.n_heads, geo.n_groups, geo.d_nope + geo.d_rope, geo.rank
-        want = {
-            "q_proj.weight": (n_h * dq, geo.hidden),
-            "kv_a_proj_with_mqa.weight": (r + geo.d_rope, geo.hidden),
-            "kv_b_proj.weight": (n_g * (geo.d_nope + geo.d_v), r),
-            "o_proj.weight": (geo.hidden, n_h * geo.d_v),
-        }
-        optional = {
-            "q_proj.bias": (n_h * dq,),
-            "kv_a_proj_with_mqa.bias": (r + geo.d_rope,),
-            "kv_b_proj.bias": (n_g * (geo.d_nope + geo.d_v),),
-            "o_proj.bias": (geo.hidden,),
-        }
-        if n_h % n_g:
-            raise InputError(f"{folder}: num_attention_heads {n_h} is not a multiple of num_key_value_heads {n_g}")
         for layer in range(geo.n_layers):
-            for rel, shape in list(want.items()) + list(optional.items()):
+            for rel, shape in list(required.items()) + list(optional.items()):
                 name = ATTN.format(layer) + rel
                 if name not in ckpt:
-                    if rel in want:
+                    if rel in required:
                         raise InputError(f"{folder} lacks tensor {name}")
                     continue
                 if ckpt.spec(name).shape != shape:
                     raise InputError(f"{folder}: {name} has shape {list(ckpt.spec(name).shape)}, the config implies {list(shape)}")
         dtype = ckpt.spec(ATTN.format(0) + "q_proj.weight").dtype
-        if dtype not in ("F32", "F16", "BF16", "F64"):
+        if dtype not in FLOAT_DTYPES:
             raise InputError(f"{folder}: attention weights are {dtype}; export needs float weights")
     except Exception:
         ckpt.close()

@@ -1,10 +1,10 @@
-"""Planned, streaming safetensors writer and an atomic (staged) output folder.
+"""Planned, streaming safetensors writer, and the file primitives every output uses.
 
 Why planned: the full list of output tensors (names, dtypes, shapes) is known before
 any data exists, so every shard's header can be written first and tensor data streamed
 after it — memory holds one tensor at a time, and files are byte-deterministic.
-Why staged: a crash or error must never leave something that looks like a finished
-checkpoint at OUT; work happens in `.<name>.transgqla-partial` and is renamed at the end.
+Where: into a folder the caller owns, normally the staged folder of :mod:`transgqla.io.staging`
+(a crash must never leave something that looks like a finished checkpoint at OUT).
 Why resumable: each shard is written as `<shard>.partial` and renamed once complete and
 fsynced, so a shard file under its final name is always whole; the caller records finished
 shards (see `on_shard`) and a later run can pass them back as `completed` and skip them.
@@ -26,7 +26,6 @@ from transgqla.errors import InputError, OutputError
 from transgqla.io.safetensors_format import TensorSpec, encode_header, to_torch_dtype
 
 INDEX_NAME = "model.safetensors.index.json"
-MARKER = "INCOMPLETE"
 PARTIAL_SUFFIX = ".partial"  # a shard being written; renamed to its final name when complete
 CHUNK = 1 << 20  # 1 MiB
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
@@ -36,17 +35,17 @@ __all__ = [
     "PARTIAL_SUFFIX",
     "plan_shards",
     "shard_file_name",
-    "staging_path",
     "ShardedWriter",
-    "StagedOutput",
     "ensure_free_space",
+    "fsync_dir",
+    "guard_write",
     "sha256_file",
     "copy_file_hashed",
     "write_file_atomic",
 ]
 
 
-def _io(path: Path, fn: Callable[[], T]) -> T:
+def guard_write(path: Path, fn: Callable[[], T]) -> T:
     """Run a filesystem write, turning OSError into a one-line OutputError naming `path`."""
     try:
         return fn()
@@ -138,14 +137,14 @@ class ShardedWriter:
     def _open(self, i: int) -> None:
         self._path = self.folder / self.files[i]
         tmp = self._path.with_name(self._path.name + PARTIAL_SUFFIX)
-        self._fh = _io(self._path, lambda: open(tmp, "wb"))
+        self._fh = guard_write(self._path, lambda: open(tmp, "wb"))
         self._hash = hashlib.sha256()
         self._emit(self._headers[i])
 
     def _emit(self, data: bytes | memoryview) -> None:
         assert self._fh is not None and self._hash is not None and self._path is not None
         fh = self._fh
-        _io(self._path, lambda: fh.write(data))
+        guard_write(self._path, lambda: fh.write(data))
         self._hash.update(data)
 
     def _finish_shard(self, i: int) -> None:
@@ -159,8 +158,8 @@ class ShardedWriter:
             fh.close()
             os.replace(tmp, path)
 
-        _io(path, sync_close_rename)
-        _fsync_dir(self.folder)
+        guard_write(path, sync_close_rename)
+        fsync_dir(self.folder)
         digest = self._hash.hexdigest()
         self.hashes[path.name] = digest
         self._done.add(i)
@@ -253,7 +252,7 @@ class ShardedWriter:
                 fh.flush()
                 os.fsync(fh.fileno())
 
-        _io(path, write_index)
+        guard_write(path, write_index)
         self.hashes[INDEX_NAME] = hashlib.sha256(data).hexdigest()
         self._closed = True
         return {f: self.hashes[f] for f in [*self.files, INDEX_NAME]}
@@ -276,93 +275,7 @@ class ShardedWriter:
             self.abort()
 
 
-def staging_path(out: Path) -> Path:
-    """Where `StagedOutput` builds OUT: `<parent>/.<name>.transgqla-partial`."""
-    out = Path(out).expanduser().absolute()
-    return out.parent / f".{out.name}.transgqla-partial"
-
-
-def _within(a: Path, b: Path) -> bool:
-    """a == b or a inside b (both already resolved)."""
-    return a == b or a.is_relative_to(b)
-
-
-class StagedOutput:
-    """Atomic output folder: build in `<parent>/.<name>.transgqla-partial`, rename on commit.
-
-    Usage: `with StagedOutput(out, force, protect=[src]) as st: ...write into st.path...;
-    st.commit()`. Leaving the block without `commit()` (exception or not) keeps the
-    staging folder, marked with an `INCOMPLETE` file, for a later resume; OUT is untouched.
-    """
-
-    def __init__(self, out: Path, force: bool, protect: list[Path] | None = None, resume: bool = False) -> None:
-        self.out = Path(out).expanduser().absolute()
-        self.force = force
-        target = self.out.resolve()
-        if self.out.exists() and not self.out.is_dir():
-            raise OutputError(f"output {self.out} is a file, not a folder")
-        for p in protect or []:
-            src = Path(p).expanduser().resolve()
-            if _within(target, src) or _within(src, target):
-                raise OutputError(f"output folder {self.out} overlaps the source {src}; choose another")
-        if self.out.is_dir() and any(self.out.iterdir()):
-            if not force:
-                raise OutputError(f"output folder {self.out} is not empty; pass --force to replace it")
-            for keep in (Path.cwd().resolve(), Path.home().resolve()):
-                if _within(keep, target):
-                    raise OutputError(f"refusing to replace {self.out}: it contains {keep}")
-        self.staging = staging_path(self.out)
-        self._old = self.out.parent / f".{self.out.name}.transgqla-old"
-        self.committed = False
-        if self.staging.is_symlink() or (self.staging.exists() and not self.staging.is_dir()):
-            raise OutputError(f"staging path {self.staging} exists and is not a folder; remove it")
-        if self.staging.exists() and not resume:
-            _io(self.staging, lambda: shutil.rmtree(self.staging))
-        _io(self.staging, lambda: self.staging.mkdir(parents=True, exist_ok=True))
-        _io(self.staging / MARKER, lambda: (self.staging / MARKER).write_text(
-            f"transgqla output in progress for {self.out}; not a usable checkpoint\n"))
-
-    @property
-    def path(self) -> Path:
-        """The staging folder to write into."""
-        return self.staging
-
-    def commit(self) -> Path:
-        """Remove the marker and rename staging to OUT (replacing an old OUT if forced)."""
-        if self.committed:
-            return self.out
-        _io(self.staging / MARKER, lambda: (self.staging / MARKER).unlink(missing_ok=True))
-        had_old = False
-        if self.out.exists():
-            if any(self.out.iterdir()) and not self.force:
-                raise OutputError(f"output folder {self.out} is not empty; pass --force to replace it")
-            if self._old.exists():
-                _io(self._old, lambda: shutil.rmtree(self._old))
-            _io(self.out, lambda: self.out.rename(self._old))
-            had_old = True
-        try:
-            self.staging.rename(self.out)
-        except OSError as exc:
-            if had_old:  # put the previous output back where it was
-                self._old.rename(self.out)
-            raise OutputError(f"cannot move {self.staging} to {self.out}: {exc.strerror or exc}") from None
-        if had_old:
-            _io(self._old, lambda: shutil.rmtree(self._old))
-        _fsync_dir(self.out.parent)
-        self.committed = True
-        return self.out
-
-    def abort(self) -> None:
-        """Leave the (marked) staging folder in place for inspection or resume."""
-
-    def __enter__(self) -> "StagedOutput":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """Best-effort durability of a rename (not supported everywhere, so errors are ignored)."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -414,8 +327,8 @@ def write_file_atomic(path: Path, data: bytes) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
 
-    _io(path, write_replace)
-    _fsync_dir(path.parent)
+    guard_write(path, write_replace)
+    fsync_dir(path.parent)
 
 
 def copy_file_hashed(src: Path, dst: Path) -> str:
@@ -426,7 +339,7 @@ def copy_file_hashed(src: Path, dst: Path) -> str:
     except OSError as exc:
         raise InputError(f"cannot read {src}: {exc.strerror or exc}") from None
     with fin:
-        fout = _io(Path(dst), lambda: open(dst, "wb"))
+        fout = guard_write(Path(dst), lambda: open(dst, "wb"))
         with fout:
             while True:
                 try:
@@ -435,7 +348,7 @@ def copy_file_hashed(src: Path, dst: Path) -> str:
                     raise InputError(f"cannot read {src}: {exc.strerror or exc}") from None
                 if not chunk:
                     break
-                _io(Path(dst), lambda: fout.write(chunk))
+                guard_write(Path(dst), lambda: fout.write(chunk))
                 h.update(chunk)
-            _io(Path(dst), lambda: (fout.flush(), os.fsync(fout.fileno())))
+            guard_write(Path(dst), lambda: (fout.flush(), os.fsync(fout.fileno())))
     return h.hexdigest()

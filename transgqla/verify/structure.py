@@ -1,5 +1,6 @@
-"""Structure checks: the config against the format contract, the tensor inventory (names, shapes,
-float dtypes) derived from that config, finiteness of every float tensor, and the manifest's hashes.
+"""Structure checks: the config against the format contract (:func:`transgqla.format.config_problems`), the
+tensor inventory (names, shapes, float dtypes) derived from that config (attention from the format, the rest
+of the block from the source layout), finiteness of every float tensor, and the manifest's hashes.
 
 Nothing here loads the model: shapes come from the shard headers, and the finiteness scan reads
 through one 64 MiB buffer.
@@ -14,20 +15,12 @@ from typing import Any
 
 import torch
 
-from ..convert import MANIFEST
 from ..errors import TransGQLAError
-from ..gqla_config import FORMAT_VERSION
+from ..format import FLOAT_DTYPES, FORMAT_VERSION, MANIFEST, attention_tensors, config_problems
 from ..io import SafetensorsCheckpoint, sha256_file
 from ..io.safetensors_format import to_torch_dtype
-from ..mathx.rope import rope_settings
 from .report import Check
 
-FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
-DECODE_PATHS = ("absorb", "gqa")
-INT_KEYS = (
-    "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
-    "vocab_size", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
-)
 MAX_LISTED = 5  # problems spelled out in a message; the details carry all of them
 SCAN_BYTES = 64 << 20  # finiteness scan buffer (a multiple of every element size)
 
@@ -60,53 +53,6 @@ def load_config(out: Path) -> tuple[dict[str, Any] | None, str | None]:
     return cfg, None
 
 
-def config_problems(cfg: dict[str, Any]) -> list[str]:
-    """Every way ``cfg`` breaks the format contract (DESIGN.md section 4); empty when it holds."""
-    p: list[str] = []
-    if cfg.get("architectures") != ["GQLAForCausalLM"]:
-        p.append(f"architectures is {cfg.get('architectures')!r}, expected ['GQLAForCausalLM']")
-    if cfg.get("model_type") != "gqla":
-        p.append(f"model_type is {cfg.get('model_type')!r}, expected 'gqla'")
-    auto = cfg.get("auto_map")
-    if not isinstance(auto, dict) or not {"AutoConfig", "AutoModelForCausalLM"} <= set(auto):
-        p.append("auto_map must name AutoConfig and AutoModelForCausalLM")
-    for key in INT_KEYS:
-        v = cfg.get(key)
-        if key not in cfg:
-            p.append(f"required key {key} is missing")
-        elif type(v) is not int or v <= 0:
-            p.append(f"{key} must be a positive integer, got {v!r}")
-    if "q_lora_rank" not in cfg:
-        p.append("required key q_lora_rank is missing")
-    elif cfg["q_lora_rank"] is not None:
-        p.append(f"q_lora_rank is {cfg['q_lora_rank']!r}; format v1 verification expects null (unfactorized q_proj)")
-    if cfg.get("rope_interleave") is not True:
-        p.append(f"rope_interleave is {cfg.get('rope_interleave')!r}, expected true")
-    n_h, n_g = cfg.get("num_attention_heads"), cfg.get("num_key_value_heads")
-    if type(n_h) is int and type(n_g) is int and n_g > 0 and n_h % n_g:
-        p.append(f"num_key_value_heads {n_g} does not divide num_attention_heads {n_h}")
-    d_r = cfg.get("qk_rope_head_dim")
-    if type(d_r) is int and d_r % 2:
-        p.append(f"qk_rope_head_dim {d_r} must be even (interleaved RoPE pairs)")
-    try:
-        rope_settings(cfg)
-    except TransGQLAError as exc:
-        p.append(str(exc))
-    except (TypeError, ValueError, KeyError) as exc:
-        p.append(f"rope settings are unreadable: {exc!r}")
-    g = cfg.get("gqla")
-    if not isinstance(g, dict):
-        p.append("required object gqla is missing")
-        return p
-    if g.get("format_version") != FORMAT_VERSION:
-        p.append(f"gqla.format_version is {g.get('format_version')!r}, expected {FORMAT_VERSION}")
-    if g.get("decode_path") not in DECODE_PATHS:
-        p.append(f"gqla.decode_path is {g.get('decode_path')!r}, expected one of {', '.join(DECODE_PATHS)}")
-    if not isinstance(g.get("source"), dict):
-        p.append("gqla.source (the source's identity) is missing")
-    return p
-
-
 # -- tensors --------------------------------------------------------------------------------------
 
 
@@ -118,35 +64,25 @@ class Expected:
 
 def expected_tensors(cfg: dict[str, Any]) -> Expected:
     """Tensor names and shapes a contract-valid config implies (shapes in ``[out, in]`` order)."""
-    D, V, I = cfg["hidden_size"], cfg["vocab_size"], cfg["intermediate_size"]
-    n_h, n_g, L = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["num_hidden_layers"]
-    dn, dr, dv, r = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"], cfg["kv_lora_rank"]
+    D, V, I = cfg["hidden_size"], cfg["vocab_size"], cfg["intermediate_size"]  # noqa: E741 (the paper's names)
+    L = cfg["num_hidden_layers"]
     req: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
     opt: dict[str, tuple[int, ...]] = {}
     (opt if cfg.get("tie_word_embeddings") else req)["lm_head.weight"] = (V, D)
-    mlp_bias, attn_bias = bool(cfg.get("mlp_bias")), bool(cfg.get("attention_bias"))
-    for l in range(L):
-        pre, att = f"model.layers.{l}.", f"model.layers.{l}.self_attn."
+    mlp_bias = bool(cfg.get("mlp_bias"))
+    attn_required, attn_optional = attention_tensors(cfg)
+    for layer in range(L):
+        pre, att = f"model.layers.{layer}.", f"model.layers.{layer}.self_attn."
         req[pre + "input_layernorm.weight"] = (D,)
         req[pre + "post_attention_layernorm.weight"] = (D,)
         req[pre + "mlp.gate_proj.weight"] = (I, D)
         req[pre + "mlp.up_proj.weight"] = (I, D)
         req[pre + "mlp.down_proj.weight"] = (D, I)
         if mlp_bias:
-            req.update({pre + "mlp.gate_proj.bias": (I,), pre + "mlp.up_proj.bias": (I,), pre + "mlp.down_proj.bias": (D,)})
-        req[att + "q_proj.weight"] = (n_h * (dn + dr), D)
-        req[att + "kv_a_proj_with_mqa.weight"] = (r + dr, D)
-        req[att + "kv_b_proj.weight"] = (n_g * (dn + dv), r)
-        req[att + "o_proj.weight"] = (D, n_h * dv)
-        if attn_bias:
-            req[att + "q_proj.bias"] = (n_h * (dn + dr),)
-            req[att + "kv_a_proj_with_mqa.bias"] = (r + dr,)
-            req[att + "kv_b_proj.bias"] = (n_g * (dn + dv),)
-        # Llama with attention_bias has an o_proj bias, Qwen2 none; a config that says so is held to it.
-        if "o_proj_bias" not in cfg:
-            opt[att + "o_proj.bias"] = (D,)
-        elif cfg["o_proj_bias"]:
-            req[att + "o_proj.bias"] = (D,)
+            req.update({pre + "mlp.gate_proj.bias": (I,), pre + "mlp.up_proj.bias": (I,),
+                        pre + "mlp.down_proj.bias": (D,)})
+        req.update({att + rel: shape for rel, shape in attn_required.items()})
+        opt.update({att + rel: shape for rel, shape in attn_optional.items()})
     return Expected(req, opt)
 
 
@@ -240,8 +176,8 @@ def manifest_check(out: Path) -> Check:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         return Check(name, False, None, None, f"{MANIFEST} is not valid JSON: {exc}".splitlines()[0])
     files = doc.get("files") if isinstance(doc, dict) else None
-    if not isinstance(files, dict) or doc.get("format_version") != 1:
-        return Check(name, False, None, None, f"{MANIFEST} must hold format_version 1 and a files object")
+    if not isinstance(files, dict) or doc.get("format_version") != FORMAT_VERSION:
+        return Check(name, False, None, None, f"{MANIFEST} must hold format_version {FORMAT_VERSION} and a files object")
     present = _present_files(out) - {MANIFEST}
     changed, missing = [], []
     for rel, digest in sorted(files.items()):

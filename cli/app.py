@@ -16,15 +16,16 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
 from transgqla import __version__
 from transgqla.errors import TransGQLAError
 
-from .progress import progress_reporter
-from .render import conversion_table, plan_line, recipes_table
 from .export_cmd import register as register_export
+from .options import (DEFAULT_SHARD_SIZE, Device, Force, JsonFlag, KvLoraRank, MaxShardSize, QkRopeDim, Seqlen,
+                      device_name, parse_size)
 from .plan_cmd import register as register_plan
+from .progress import progress_reporter
+from .render import conversion_table, fail, plan_line, recipes_table, warn
 from .verify_cmd import register as register_verify
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Convert GQA checkpoints to GQLA, verify and export them.")
@@ -45,18 +46,6 @@ def main_options(
     """transgqla: Group-Query Latent Attention checkpoints from GQA ones."""
 
 
-def _fail(exc: TransGQLAError, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps({"ok": False, "error": str(exc), "exit_code": exc.exit_code}))
-    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-    raise typer.Exit(exc.exit_code)
-
-
-def _warn(notes: list[str]) -> None:
-    for note in notes:
-        err.print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
-
-
 def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -69,27 +58,12 @@ def _sigterm_as_interrupt():
     return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
-def _interrupted(exc: KeyboardInterrupt, as_json: bool) -> None:
-    message = str(exc) or "interrupted"
-    if as_json:
-        print(json.dumps({"ok": False, "error": message, "exit_code": 130}))
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(130)
-
-
-def _device(name: str) -> str:
-    """The shared parser (transgqla/devices.py): a one-line error when CUDA is asked for and absent."""
-    from transgqla.devices import resolve_device
-
-    return str(resolve_device(name))
-
-
 @app.command()
 def convert(
     source: str = typer.Argument(..., help="Local model folder, Hugging Face model id, or demo:smollm2-135m."),
     out_dir: Path = typer.Argument(..., metavar="OUT", help="Output folder (must be empty unless --force)."),
-    kv_lora_rank: Optional[int] = typer.Option(None, "--kv-lora-rank", help="Latent rank r (default: recipe, else ~28% cache rule)."),
-    qk_rope_dim: Optional[int] = typer.Option(None, "--qk-rope-dim", help="RoPE key dims d_R (default: recipe, else head_dim/2)."),
+    kv_lora_rank: KvLoraRank = None,
+    qk_rope_dim: QkRopeDim = None,
     freqfold: Optional[str] = typer.Option(None, "--freqfold", help="Frequencies per PCA block, or 'auto'."),
     calib: list[str] = typer.Option(["auto"], "--calib", help="Calibration source (repeatable; several mix with an even token budget): a .txt/.jsonl file, builtin:calib (Python docs), builtin:prose-calib (general English, Debian's fortunes), hf:REPO[:CONFIG[:SPLIT]] (a dataset already in the local Hugging Face cache), self (text the source samples itself; one forward per token), 'none' (statistics from the weights alone), or 'auto' (the most general source available offline, said on stderr; none without tokenizer.json)."),
     calib_tokens: int = typer.Option(16384, "--calib-tokens", help="Calibration tokens to use at most."),
@@ -97,15 +71,15 @@ def convert(
     method: Optional[str] = typer.Option(None, "--method", help="pca (data-free) | transmla | gqla (default with --calib)."),
     sequential: bool = typer.Option(False, "--sequential", help="Calibrate layer l on the outputs of converted layers < l."),
     refine: Optional[int] = typer.Option(None, "--refine", help="Gradient steps per layer fitting the converted attention's output to the source's on the calibration text (0 = closed form only; default: recipe, else 40 with calibration text)."),
-    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda: where calibration and the layer math run (auto: CUDA when available)."),
+    device: Device = "auto",
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Built-in recipe name or a TOML file."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16|float16|float32 for converted tensors (default: source's)."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
-    max_shard_size: float = typer.Option(5.0, "--max-shard-size", help="Shard size cap in GB."),
+    max_shard_size: MaxShardSize = DEFAULT_SHARD_SIZE,
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan; write nothing."),
-    force: bool = typer.Option(False, "--force", help="Replace a non-empty OUT."),
+    force: Force = False,
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted conversion from OUT's partial output (bit-identical result); starts fresh if there is none."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    as_json: JsonFlag = False,
 ) -> None:
     """Stream a GQA checkpoint into a GQLA checkpoint (format v1)."""
     from transgqla.convert import ConvertRequest, plan_conversion, run_conversion
@@ -115,13 +89,13 @@ def convert(
         request = ConvertRequest(
             source=source, out=out_dir, kv_lora_rank=kv_lora_rank, qk_rope_dim=qk_rope_dim, freqfold=freqfold,
             recipe=recipe, calib=None if calib == ["none"] else calib, calib_tokens=calib_tokens,
-            calib_seqlen=calib_seqlen, method=method, sequential=sequential, device=_device(device), dtype=dtype,
-            revision=revision, force=force, max_shard_bytes=int(max_shard_size * 1e9), resume=resume,
+            calib_seqlen=calib_seqlen, method=method, sequential=sequential, device=device_name(device), dtype=dtype,
+            revision=revision, force=force, max_shard_bytes=parse_size(max_shard_size), resume=resume,
             refine=refine,
         )
         plan = plan_conversion(request)
         if dry_run:
-            _warn(plan.notes)
+            warn(plan.notes)
             doc = _plan_doc(plan)
             print(json.dumps(doc, indent=2)) if as_json else out.print_json(json.dumps(doc))
             return
@@ -132,13 +106,11 @@ def convert(
         with progress_reporter(err, tty and not as_json or long_work, tty and not as_json, sys.stderr,
                                plan.geo.n_layers, "converting layers") as update:
             result = run_conversion(plan, lambda stage, done, total: update(done, total))
-    except TransGQLAError as exc:
-        _fail(exc, as_json)
-    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the message says how to --resume
-        _interrupted(exc, as_json)
+    except (TransGQLAError, KeyboardInterrupt) as exc:  # Ctrl-C or SIGTERM: the message says how to --resume
+        fail(exc, as_json)
     finally:
         restore_sigterm()
-    _warn(plan.notes)  # after the run: a failure's one line is the news; notes are about a finished conversion
+    warn(plan.notes)  # after the run: a failure's one line is the news; notes are about a finished conversion
     summary = result.summary()
     if as_json:
         print(json.dumps({"ok": True, **summary}, indent=2))
@@ -150,19 +122,19 @@ def convert(
 def eval_ppl(
     model: str = typer.Argument(..., help="A source or GQLA checkpoint folder (or model id / demo:smollm2-135m)."),
     text: list[str] = typer.Option(..., "--text", help="Text file(s) (.txt or .jsonl with 'text'), or builtin:eval."),
-    seqlen: int = typer.Option(512, "--seqlen", help="Window length; windows do not overlap."),
+    seqlen: Seqlen = 512,
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Use at most this many tokens of the text."),
     path: Optional[str] = typer.Option(None, "--path", help="absorb|gqa for GQLA checkpoints (default: config's)."),
-    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    device: Device = "auto",
+    as_json: JsonFlag = False,
 ) -> None:
     """Perplexity on non-overlapping windows, computed layer by layer (bounded memory)."""
     from transgqla.evaluate import perplexity
 
     try:
-        result = perplexity(model, text, seqlen=seqlen, max_tokens=max_tokens, path=path, device=_device(device))
+        result = perplexity(model, text, seqlen=seqlen, max_tokens=max_tokens, path=path, device=device_name(device))
     except TransGQLAError as exc:
-        _fail(exc, as_json)
+        fail(exc, as_json)
     doc = result.to_dict()
     if as_json:
         print(json.dumps({"ok": True, **doc}, indent=2))
@@ -173,7 +145,7 @@ def eval_ppl(
 
 
 @app.command()
-def recipes(as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout.")) -> None:
+def recipes(as_json: JsonFlag = False) -> None:
     """List the built-in recipes and what they match."""
     from transgqla.recipe_book import builtin_recipes
 

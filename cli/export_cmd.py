@@ -19,6 +19,9 @@ from rich.text import Text
 
 from transgqla.errors import TransGQLAError, VerificationError
 
+from .options import DEFAULT_SHARD_SIZE, Device, Force, JsonFlag, MaxShardSize, device_name, parse_size
+from .render import error_line, fail, warn
+
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
@@ -90,32 +93,31 @@ def register(app: typer.Typer) -> None:
         target: str = typer.Option("engines", "--target", help="With --format deepseek: engines (vLLM/SGLang/transformers: no biases, kv_lora_rank = r, linear latent norm, rms_norm_eps 1e-6) | transformers (exact constant-coordinate pin, stock transformers only)."),
         fold_kv: bool = typer.Option(False, "--fold-kv", help="With --path gqa: fold kv_b_proj into per-group k_proj/v_proj for GQA runtimes."),
         q_lora_bias: bool = typer.Option(False, "--q-lora-bias", help="With --format deepseek --target transformers: carry a query bias (Qwen2) exactly through q_lora_rank = hidden_size + 1 instead of refusing."),
-        force: bool = typer.Option(False, "--force", help="Replace a non-empty DST."),
-        device: str = typer.Option("auto", "--device", help="Where the reference check runs: cpu|cuda|auto."),
+        force: Force = False,
+        device: Device = "auto",
         check: str = typer.Option("auto", "--check", help="Check of a rewritten export: auto (layer by layer above 2 GiB of float32 weights) | full (both whole models, logits and greedy tokens) | layerwise (one layer at a time, bounded memory). Byte-identical exports are checked by their hashes."),
         tol: Optional[float] = typer.Option(None, "--tol", help="Relative logit error allowed by the check (default: 1e-4 for float32 weights; bfloat16/float16 5e-3/2e-3, or 2e-2/5e-3 with --fold-kv)."),
-        as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+        max_shard_size: MaxShardSize = DEFAULT_SHARD_SIZE,
+        as_json: JsonFlag = False,
     ) -> None:
         """Write OUT for a decode path / runtime, check it against the GQLA reference, then commit DST."""
         from transgqla.export import ExportRequest, failure_message, run_export
 
-        out, err = Console(), Console(stderr=True)
-        request = ExportRequest(out_dir, dst_dir, path=path, format=fmt, fold_kv=fold_kv, target=target, query_bias_lora=q_lora_bias, check=check, force=force, device=device, tolerance=tol)
+        out = Console()
         try:
+            request = ExportRequest(out_dir, dst_dir, path=path, format=fmt, fold_kv=fold_kv, target=target,
+                                    query_bias_lora=q_lora_bias, check=check, force=force, device=device_name(device),
+                                    tolerance=tol, max_shard_bytes=parse_size(max_shard_size))
             result = run_export(request)
         except TransGQLAError as exc:
-            if as_json:
-                print(json.dumps({"ok": False, "error": str(exc), "exit_code": exc.exit_code}))
-            err.print(Text(f"error: {exc}", style="bold red"), soft_wrap=True)
-            raise typer.Exit(exc.exit_code)
+            fail(exc, as_json)
         summary = result.summary()
         if as_json:
             print(json.dumps(summary, indent=2))
         else:
             out.print(export_table(summary))
-        for w in result.warnings:
-            if as_json:  # the table already shows them
-                err.print(Text(f"warning: {w}", style="yellow"), soft_wrap=True)
+        if as_json:  # the table already shows them
+            warn(result.warnings)
         if not result.ok:
-            err.print(Text(f"error: {failure_message(result)}", style="bold red"), soft_wrap=True)
+            error_line(failure_message(result))
             raise typer.Exit(VerificationError.exit_code)

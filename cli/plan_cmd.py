@@ -16,6 +16,9 @@ from rich.text import Text
 
 from transgqla.errors import TransGQLAError
 
+from .options import Device, JsonFlag, KvLoraRank, QkRopeDim, device_name
+from .render import fail
+
 ROWS = (
     ("FLOPs per cache byte", "flops_per_byte", lambda v: f"{v:.1f}"),
     ("bound", "bound", str),
@@ -70,16 +73,16 @@ def register(app: typer.Typer) -> None:
         batch: int = typer.Option(1, "--batch", help="Sequences per decode step."),
         cache_bytes: int = typer.Option(2, "--cache-bytes", help="Bytes per cached value (2 = bf16, 1 = fp8)."),
         mem_util: float = typer.Option(0.9, "--mem-util", help="Share of GPU memory for weights and cache."),
-        kv_lora_rank: Optional[int] = typer.Option(None, "--kv-lora-rank", help="For a source config: the GQLA rank r."),
-        qk_rope_dim: Optional[int] = typer.Option(None, "--qk-rope-dim", help="For a source config: the RoPE key dims d_R."),
+        kv_lora_rank: KvLoraRank = None,
+        qk_rope_dim: QkRopeDim = None,
         do_bench: bool = typer.Option(False, "--bench", help="Also time both paths' decode attention on this device."),
-        device: str = typer.Option("auto", "--device", help="For --bench: cpu | cuda | auto."),
-        as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+        device: Device = "auto",
+        as_json: JsonFlag = False,
     ) -> None:
         """Roofline plan: arithmetic intensity, bound, time and KV cache of the absorb and GQA paths on a GPU."""
         from transgqla.plan import Workload, gpu_from, plan, read_config, shape_from_config
 
-        out, err = Console(), Console(stderr=True)
+        out = Console()
         try:
             shape = shape_from_config(read_config(src), kv_lora_rank, qk_rope_dim)
             card = gpu_from(gpu if gpu or tflops or tbps else "h100", tflops, tbps, memory_gb)
@@ -88,10 +91,7 @@ def register(app: typer.Typer) -> None:
             if do_bench:
                 doc["bench"] = _bench(shape, work, device)
         except TransGQLAError as exc:
-            if as_json:
-                print(json.dumps({"ok": False, "error": str(exc), "exit_code": exc.exit_code}))
-            err.print(Text(f"error: {exc}", style="bold red"), soft_wrap=True)
-            raise typer.Exit(exc.exit_code)
+            fail(exc, as_json)
         if as_json:
             print(json.dumps(doc, indent=2))
             return
@@ -101,7 +101,6 @@ def register(app: typer.Typer) -> None:
 
 
 def _bench(shape, work, device: str) -> dict[str, Any]:
-    from transgqla.devices import resolve_device
     from transgqla.plan_bench import bench
 
-    return bench(shape, work, str(resolve_device(device)))
+    return bench(shape, work, device_name(device))

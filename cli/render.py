@@ -1,10 +1,46 @@
-"""Rich tables for people; the JSON documents carry the same figures for machines."""
+"""Rich tables for people; the JSON documents carry the same figures for machines. And the one way a
+command reports an expected failure: one line on stderr (and, with ``--json``, one JSON document on stdout).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, NoReturn
 
+import typer
+from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+
+from transgqla.errors import TransGQLAError
+
+INTERRUPTED_EXIT = 130  # the shell's code for a process ended by SIGINT
+_stderr = Console(stderr=True)
+
+
+def fail(error: TransGQLAError | KeyboardInterrupt, as_json: bool = False) -> NoReturn:
+    """End the command on an expected failure: ``error: <message>`` on stderr (one line, no traceback), with
+    ``--json`` also ``{"ok": false, "error", "exit_code"}`` on stdout; exit with the error's code (130 for an
+    interrupt, whose message says what was kept)."""
+    if isinstance(error, TransGQLAError):
+        message, code = str(error), error.exit_code
+    else:
+        message, code = str(error) or "interrupted", INTERRUPTED_EXIT
+    if as_json:
+        print(json.dumps({"ok": False, "error": message, "exit_code": code}))
+    error_line(message)
+    raise typer.Exit(code)
+
+
+def error_line(message: str) -> None:
+    """``error: <message>`` on stderr, as given (no markup is read from it)."""
+    _stderr.print(Text(f"error: {message}", style="bold red"), soft_wrap=True)
+
+
+def warn(notes: list[str]) -> None:
+    """Warnings the user should read (stderr, one line each)."""
+    for note in notes:
+        _stderr.print(Text(f"warning: {note}", style="bold yellow"), soft_wrap=True)
 
 
 def conversion_table(summary: dict[str, Any], layers: list[dict[str, float]]) -> Table:

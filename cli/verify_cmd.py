@@ -18,6 +18,9 @@ from rich.text import Text
 
 from transgqla.errors import TransGQLAError, VerificationError
 
+from .options import Device, JsonFlag, Seqlen, device_name
+from .render import error_line, fail
+
 _STATUS = {"pass": ("pass", "bold green"), "fail": ("FAIL", "bold red"), "info": ("info", "cyan"), "skipped": ("skipped", "dim")}
 
 
@@ -71,9 +74,9 @@ def register(app: typer.Typer) -> None:
         out_dir: Path = typer.Argument(..., metavar="OUT", help="GQLA checkpoint folder to verify."),
         source: Optional[str] = typer.Option(None, "--source", help="Source GQA checkpoint (folder or Hub id) for fidelity; default: the local folder recorded in config.json, if it exists."),
         text: Optional[Path] = typer.Option(None, "--text", help="UTF-8 text for KL, top-1 and perplexity (needs tokenizer.json); default: a built-in text."),
-        seqlen: int = typer.Option(512, "--seqlen", help="Window length (non-overlapping) for fidelity on text."),
+        seqlen: Seqlen = 512,
         tokens: int = typer.Option(32, "--tokens", help="Greedy tokens to generate on each path."),
-        device: str = typer.Option("auto", "--device", help="auto|cpu|cuda (auto: CUDA when available)."),
+        device: Device = "auto",
         dtype: str = typer.Option("float32", "--dtype", help="Compute dtype of the numerical checks: float32|float64."),
         checks: str = typer.Option("structure,paths,fidelity,decode", "--checks", help="Comma-separated sections to run."),
         path_tol: Optional[float] = typer.Option(None, "--path-tol", help="Max absorb-vs-gqa relative error (default 1e-5)."),
@@ -81,28 +84,24 @@ def register(app: typer.Typer) -> None:
         max_kl: Optional[float] = typer.Option(None, "--max-kl", help="Fail if KL(source || gqla) per token (nats) exceeds this."),
         min_top1: Optional[float] = typer.Option(None, "--min-top1", help="Fail if top-1 agreement with the source is below this (0..1)."),
         max_ppl_ratio: Optional[float] = typer.Option(None, "--max-ppl-ratio", help="Fail if perplexity gqla / source exceeds this."),
-        as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+        as_json: JsonFlag = False,
     ) -> None:
         """Check a GQLA checkpoint: structure and hashes, path equivalence, fidelity to the source, reference decode."""
         from transgqla.verify import FidelityBounds, run_verify
 
-        out, err = Console(), Console(stderr=True)
+        out = Console()
         try:
             report = run_verify(
-                out_dir, source=source, text=text, device=device, tokens=tokens,
+                out_dir, source=source, text=text, device=device_name(device), tokens=tokens,
                 checks=checks.split(","), dtype=dtype, seqlen=seqlen, path_tol=path_tol,
                 bounds=FidelityBounds(max_attn_error, max_kl, min_top1, max_ppl_ratio),
             )
         except TransGQLAError as exc:
-            if as_json:
-                print(json.dumps({"ok": False, "error": str(exc), "exit_code": exc.exit_code}))
-            err.print(Text(f"error: {exc}", style="bold red"), soft_wrap=True)
-            raise typer.Exit(exc.exit_code)
+            fail(exc, as_json)
         if as_json:
             print(json.dumps(report.to_dict(), indent=2))
         else:
             out.print(verify_table(report))
         if not report.ok:
-            names = ", ".join(c.name for c in report.failed())
-            err.print(Text(f"error: verification failed: {names}", style="bold red"), soft_wrap=True)
+            error_line("verification failed: " + ", ".join(c.name for c in report.failed()))
             raise typer.Exit(VerificationError.exit_code)

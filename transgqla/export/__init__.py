@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import devices
 from ..errors import InputError, VerificationError
 from ..format import DEFAULT_SHARD_BYTES, MANIFEST
 from ..io import StagedOutput, ensure_free_space
@@ -114,12 +115,6 @@ def _validate(req: ExportRequest) -> None:
         raise InputError(f"--tol must be positive, got {req.tolerance}")
 
 
-def _device(name: str) -> str:
-    from ..devices import resolve_device  # the one --device parser
-
-    return str(resolve_device(name))
-
-
 def _write(req: ExportRequest, src: GQLACheckpoint, folder: Path, warnings: list[str]) -> tuple[dict, Candidate | None]:
     """Write the export into ``folder``; return (details, how to run it; None for a byte-identical copy)."""
     if req.format == "deepseek":
@@ -144,7 +139,7 @@ def run_export(req: ExportRequest) -> ExportResult:
     is left at DST); a failed check returns a result with ``ok == False`` (DST not written)."""
     start = time.perf_counter()
     _validate(req)
-    device = _device(req.device)
+    device = str(devices.resolve_device(req.device))  # the one --device parser
     src = open_gqla(Path(req.out))
     staged: StagedOutput | None = None
     try:

@@ -21,12 +21,13 @@ import time
 from pathlib import Path
 from typing import Iterable
 
+from .. import devices
 from ..errors import InputError
 from ..model.decoder import GQLADecoder
 from .decode import check_decode
 from .engines import deepseek_export
 from .fidelity import FIXED_SEQLEN, FIXED_WINDOWS, FidelityBounds, find_source, fidelity_checks, measure, no_source_checks, open_source
-from .inputs import builtin_eval_text, encode, fixed_ids, load_tokenizer, read_text, resolve_device, resolve_dtype, text_windows, windows
+from .inputs import builtin_eval_text, encode, fixed_ids, load_tokenizer, read_text, resolve_dtype, text_windows, windows
 from .layerwise import LayerwiseModel
 from .paths import check_paths
 from .report import SECTIONS, Check, VerifyReport, skipped
@@ -96,7 +97,7 @@ def run_verify(
     if text is not None:
         read_text(text)  # fail on a bad path before any work
     bounds = bounds or FidelityBounds()
-    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    dev, dt = devices.resolve_device(device), resolve_dtype(dtype)  # the one --device parser
     report = VerifyReport(str(out), info={"device": str(dev), "dtype": dtype, "sections": wanted})
 
     if deepseek_export(out, report):  # a stock DeepSeek-V3 export: which engine kernels take it (verify/engines.py)

@@ -34,12 +34,6 @@ BATCH_TOKENS = 1024
 GROUP_TOKENS = 8192  # enough for two 512-token windows with a Llama-style tokenizer
 
 
-def resolve_device(device: str) -> torch.device:
-    from ..devices import resolve_device as shared  # the one --device parser
-
-    return shared(device)
-
-
 def resolve_dtype(dtype: str) -> torch.dtype:
     if dtype not in DTYPES:
         raise InputError(f"--dtype must be float32 or float64, got {dtype!r}")

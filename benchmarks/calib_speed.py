@@ -44,9 +44,9 @@ MICRO_BATCH = 4  # windows per forward, as the runner's default
 
 def calib_windows(src: Path, tokens: int):
     """The token windows ``convert`` calibrates on by default: ``builtin:calib``, 512-token windows."""
-    from transgqla.calib.text import load_tokenizer, read_text, token_windows
+    from transgqla.text.pipeline import load_tokenizer, read_sources, token_windows
 
-    return token_windows(read_text(["builtin:calib"]), load_tokenizer(src), 512, tokens)
+    return token_windows(read_sources(["builtin:calib"]), load_tokenizer(src), 512, tokens)
 
 
 def floor_run(src: Path, tokens: int) -> dict:

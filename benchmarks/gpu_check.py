@@ -55,7 +55,7 @@ def write_tokenizer(folder: Path, vocab: int) -> int:
 
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from transgqla.texts import builtin_text
+    from transgqla.text.builtin import builtin_text
 
     pre = pre_tokenizers.Whitespace()
     counts = Counter(w for w, _ in pre.pre_tokenize_str(builtin_text("calib") + "\n" + builtin_text("eval")))

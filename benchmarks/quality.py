@@ -5,7 +5,7 @@
                                  [--workdir DIR] [--out benchmarks/results/quality-cross-domain.json]
 
 Two offline text domains, each split into disjoint calibration and evaluation halves:
-* ``docs``: CPython's documentation (``builtin:calib`` / ``builtin:eval``, transgqla/texts.py);
+* ``docs``: CPython's documentation (``builtin:calib`` / ``builtin:eval``, transgqla/text/docs.py);
 * ``prose``: general English, Debian's fortunes (``builtin:prose-calib`` / ``builtin:prose-eval``,
   transgqla/prose.py; ``apt-get install fortunes``).
 Every conversion is calibrated on one domain and evaluated on both: the other domain's evaluation
@@ -52,13 +52,13 @@ def forward_seconds(calib_text: str, tokens: int) -> tuple[float, float]:
     import torch
 
     from transgqla.calib.runner import LayerwiseCalibration
-    from transgqla.calib.text import load_tokenizer, read_text, token_windows
+    from transgqla.text.pipeline import load_tokenizer, read_sources, token_windows
     from transgqla.demo import materialize_demo
     from transgqla.io import SafetensorsCheckpoint
 
     folder = materialize_demo()
     config = json.loads((folder / "config.json").read_text())
-    windows = token_windows(read_text([calib_text]), load_tokenizer(folder), 512, tokens)
+    windows = token_windows(read_sources([calib_text]), load_tokenizer(folder), 512, tokens)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

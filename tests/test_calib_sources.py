@@ -11,7 +11,7 @@ import torch
 from test_calibration import WORDS, make_tokenizer, tiny_text
 from transgqla.calib import sources
 from transgqla.calib.sources import calibration_windows, hf_text, resolve_auto, self_generated
-from transgqla.calib.text import load_tokenizer, token_windows
+from transgqla.text.pipeline import load_tokenizer, token_windows
 from transgqla.errors import InputError
 
 
@@ -114,7 +114,7 @@ def test_self_source_in_a_mix_records_its_seed(source_factory, tmp_path):
 
 
 def test_auto_prefers_a_cached_general_dataset_then_the_builtin_mix(source_factory, hub_cache, capsys, monkeypatch, tmp_path):
-    from transgqla import prose
+    from transgqla.text import prose
 
     src, _ = source_factory("llama", layers=1)
     assert resolve_auto(src) is None  # no tokenizer: data-free

@@ -17,7 +17,8 @@ import pytest
 from transgqla import demo
 from transgqla.demo import DEMO_SOURCE, is_demo_source, materialize_demo
 from transgqla.errors import InputError
-from transgqla.texts import TEXT_NAMES, builtin_text
+from transgqla.text.builtin import builtin_text
+from transgqla.text.docs import TEXT_NAMES
 
 # --------------------------------------------------------------------------- texts
 
@@ -40,7 +41,7 @@ def test_builtin_texts_are_large_clean_and_disjoint():
 
 
 def test_builtin_texts_are_deterministic_and_validated():
-    from transgqla import texts
+    from transgqla.text import docs as texts
 
     first = {n: builtin_text(n) for n in TEXT_NAMES}
     texts._split.cache_clear()

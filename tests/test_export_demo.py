@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from transgqla import demo
-from transgqla.verify.inputs import builtin_eval_text, encode, load_tokenizer
+from transgqla.text.pipeline import builtin_eval_text, encode, find_tokenizer
 
 from helpers import load_decoder, rel_err, run_convert
 from test_export import export_json
@@ -33,7 +33,7 @@ def demo_out(tmp_path_factory):
 def _compare(out, dst, path, cls):
     from transformers import AutoModelForCausalLM
 
-    tok = load_tokenizer(out)
+    tok = find_tokenizer(out)
     ids = torch.tensor(encode(tok, builtin_eval_text()[0], 49152)[:128])[None]
     ref = load_decoder(out, dtype=torch.float32)
     want = ref.forward(ids, ref.new_cache(path)).double()

@@ -1,12 +1,12 @@
-"""The second offline text domain (transgqla/prose.py): fortune files -> two disjoint prose texts."""
+"""The second offline text domain (transgqla/text/prose.py): fortune files -> two disjoint prose texts."""
 
 from __future__ import annotations
 
 import pytest
 
-from transgqla import prose
+from transgqla.text import prose
 from transgqla.errors import InputError
-from transgqla.texts import builtin_text, split_documents
+from transgqla.text.builtin import builtin_text, split_documents
 
 
 def _write_fortunes(folder, files: dict[str, list[str]]):

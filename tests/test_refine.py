@@ -12,7 +12,7 @@ import torch
 
 from helpers import load_decoder, rel_err, run_convert
 from test_calibration import make_tokenizer, tiny_text
-from transgqla.calib.text import load_tokenizer
+from transgqla.text.pipeline import load_tokenizer
 from transgqla.calib.refine import RefineSettings, gqla_output, refine_attention, source_output
 from transgqla.errors import InputError
 from transgqla.model.attention import KVCache, attention

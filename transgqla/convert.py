@@ -289,7 +289,7 @@ def _layer_converter(plan: ConversionPlan):
 def _calibration_record(plan: ConversionPlan) -> dict[str, Any] | None:
     if plan.windows is None:
         return None
-    from .calib.text import windows_record
+    from .text.pipeline import windows_record
 
     return windows_record(plan.windows, plan.settings.calib.split(","))
 

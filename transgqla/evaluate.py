@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .calib.text import load_tokenizer, read_text, token_windows
+from .text.pipeline import load_tokenizer, read_sources, token_windows
 from .io import SafetensorsCheckpoint
 from .model.attention import PATHS
 from .model.decoder import Decoder, GQLADecoder, SourceDecoder
@@ -82,7 +82,7 @@ def perplexity(model: str, text: list[str], *, seqlen: int = 512, max_tokens: in
         path = path or config.get("gqla", {}).get("decode_path", "absorb")
     elif path is not None:
         raise InputError("--path applies to GQLA checkpoints only")
-    windows = token_windows(read_text(text), load_tokenizer(folder), seqlen, max_tokens)
+    windows = token_windows(read_sources(text), load_tokenizer(folder), seqlen, max_tokens)
     dec = open_decoder(folder, config, device=device)
     total, count = layerwise_nll(dec, windows, path)
     kind = "gqla" if is_gqla else config["architectures"][0]

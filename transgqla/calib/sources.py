@@ -2,7 +2,7 @@
 
 Why: calibration tuned to one narrow text is tuned to that text. A conversion can calibrate on
 
-* text files and the built-in texts (:mod:`transgqla.calib.text`);
+* text files and the built-in texts (:mod:`transgqla.text`, the one text pipeline);
 * ``hf:REPO[:CONFIG[:SPLIT]]``: a text dataset (``.parquet`` with pyarrow, ``.jsonl``/``.json`` or
   ``.txt`` files, a ``text`` field) read from huggingface_hub's local cache. Nothing is downloaded
   here: a dataset that is not cached is one clear error (fetch it once with
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from .text import load_tokenizer, read_text, token_windows
+from ..text.pipeline import load_tokenizer, read_sources, token_windows
 
 SELF, HF, AUTO = "self", "hf:", "auto"
 SELF_SEED = 0
@@ -180,7 +180,7 @@ def resolve_auto(model_folder: Path) -> list[str] | None:
             chosen = [spec]
             break
     else:
-        from ..prose import fortune_folder
+        from ..text.prose import fortune_folder
 
         chosen = ["builtin:prose-calib", "builtin:calib"] if fortune_folder().is_dir() else ["builtin:calib"]
     print(f"transgqla: --calib auto: calibrating on {' + '.join(chosen)}", file=sys.stderr)
@@ -200,7 +200,7 @@ def calibration_windows(specs: list[str], model_folder: Path, seqlen: int, token
             names.append(f"self:seed={seed}")
             continue
         tok = tok or load_tokenizer(model_folder)
-        text = hf_text(spec) if spec.startswith(HF) else read_text([spec])
+        text = hf_text(spec) if spec.startswith(HF) else read_sources([spec])
         per_source.append(token_windows(text, tok, seqlen, share))
         names.append(spec)
     rows = [w for i in range(max(len(p) for p in per_source)) for p in per_source if i < len(p) for w in [p[i]]]

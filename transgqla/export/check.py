@@ -15,7 +15,7 @@ Three modes (``--check``):
   :mod:`.layerwise`, one layer of each side in memory at a time, every layer, cached decode per layer.
 * ``full`` (rewritten exports of small models, or on request): both whole models, as below.
 
-Full mode is measured on a fixed prompt (OUT's tokenizer and :data:`~transgqla.verify.inputs.PROMPT`, else fixed ids):
+Full mode is measured on a fixed prompt (OUT's tokenizer and :data:`~transgqla.text.pipeline.PROMPT`, else fixed ids):
 the prompt followed by the reference's ``GREEDY_TOKENS`` greedy tokens is scored teacher-forced by both
 models, giving the max absolute and the relative (Frobenius) logit error over every position; and each
 model generates ``GREEDY_TOKENS`` greedy tokens with its own KV cache, which are compared. The check
@@ -39,7 +39,7 @@ from ..model.attention import KVCache, _softmax, causal_mask
 from ..model.decoder import Decoder, GQLADecoder
 from ..model.geometry import GQLAGeometry
 from ..mathx.rope import cos_sin, interleaved_layout
-from ..verify.inputs import PROMPT, encode, fixed_ids, load_tokenizer
+from ..text.pipeline import PROMPT, encode, find_tokenizer, fixed_ids
 
 GREEDY_TOKENS = 16
 FIXED_PROMPT = 8
@@ -161,7 +161,7 @@ class CheckResult:
 
 def prompt_ids(folder: Path, vocab: int) -> tuple[torch.Tensor, str]:
     """``[1, T]`` ids: the fixed prompt through ``folder``'s tokenizer, else fixed pseudo-random ids."""
-    tok = load_tokenizer(folder)
+    tok = find_tokenizer(folder)
     ids = encode(tok, PROMPT, vocab) if tok is not None else []
     if len(ids) >= 2:
         return torch.tensor(ids)[None], "tokenized prompt"

@@ -27,7 +27,8 @@ from ..model.decoder import GQLADecoder
 from .decode import check_decode
 from .engines import deepseek_export
 from .fidelity import FIXED_SEQLEN, FIXED_WINDOWS, FidelityBounds, find_source, fidelity_checks, measure, no_source_checks, open_source
-from .inputs import builtin_eval_text, encode, fixed_ids, load_tokenizer, read_text, resolve_dtype, text_windows, windows
+from ..text.pipeline import builtin_eval_text, encode, find_tokenizer, fixed_ids, read_text_flag, token_windows
+from .inputs import resolve_dtype, windows
 from .layerwise import LayerwiseModel
 from .paths import check_paths
 from .report import SECTIONS, Check, VerifyReport, skipped
@@ -54,7 +55,7 @@ def _sections(checks: Iterable[str] | None) -> list[str]:
 def _fidelity_text(tokenizer, text: Path | None, seqlen: int, vocab: int):
     """(windows, description, real text?) for the fidelity section."""
     if text is not None:
-        wins, how, real = text_windows(tokenizer, read_text(text), seqlen, vocab), f"{text}", True
+        wins, how, real = list(token_windows(read_text_flag(text), tokenizer, seqlen, vocab=vocab)), f"{text}", True
     elif tokenizer is not None:
         body, how = builtin_eval_text()
         wins, real = windows(encode(tokenizer, body, vocab), seqlen, BUILTIN_WINDOWS), True
@@ -95,7 +96,7 @@ def run_verify(
         raise InputError(f"--seqlen must be at least 2, got {seqlen}")
     text = Path(text) if text is not None else None
     if text is not None:
-        read_text(text)  # fail on a bad path before any work
+        read_text_flag(text)  # fail on a bad path before any work
     bounds = bounds or FidelityBounds()
     dev, dt = devices.resolve_device(device), resolve_dtype(dtype)  # the one --device parser
     report = VerifyReport(str(out), info={"device": str(dev), "dtype": dtype, "sections": wanted})
@@ -115,7 +116,7 @@ def run_verify(
         if not model_sections:
             return report
         cfg = st.config
-        tokenizer = load_tokenizer(out)
+        tokenizer = find_tokenizer(out)
         report.info["tokenizer"] = tokenizer is not None
         if text is not None and tokenizer is None:
             raise InputError(f"--text needs {out}/tokenizer.json and the tokenizers package to tokenize it")

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..model.attention import PATHS, KVCache
-from .inputs import PROMPT, encode, fixed_ids
+from ..text.pipeline import PROMPT, encode, fixed_ids
 from .layerwise import LayerwiseModel
 from .report import Check
 

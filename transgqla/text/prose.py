@@ -1,6 +1,6 @@
 """A second offline text domain: general English prose (quotations, anecdotes, verse).
 
-Why: the built-in texts of :mod:`transgqla.texts` are CPython documentation, one narrow domain. A
+Why: the built-in texts of :mod:`transgqla.text.docs` are CPython documentation, one narrow domain. A
 conversion calibrated on it must also be judged on text it was not calibrated on, and a calibration
 that generalizes needs more than one domain. Nothing may be downloaded at run time, so the text is
 read from Debian's ``fortunes`` and ``fortunes-min`` packages (the BSD ``fortune`` collections,
@@ -14,7 +14,7 @@ stays far from technical documentation. Whitespace is normalized (leading tabs a
 collapse; line breaks inside a fortune stay, they carry verse and dialogue) and duplicates are dropped.
 Fortunes are taken in a fixed order that mixes all files (sorted by the SHA-1 of their text, so a
 side's first 300 KB draws on every file, not on the alphabetically first ones) and split, whole, between
-``prose-calib`` and ``prose-eval`` by :func:`transgqla.texts.split_documents`, exactly as the
+``prose-calib`` and ``prose-eval`` by :func:`transgqla.text.builtin.split_documents`, exactly as the
 documentation texts are: the two share no fortune.
 """
 
@@ -26,13 +26,13 @@ import os
 import re
 from pathlib import Path
 
-from .errors import InputError
+from transgqla.errors import InputError
+from transgqla.text.builtin import PROSE_NAMES, TARGET_CHARS, split_documents
 
 __all__ = ["FORTUNE_DIR", "PROSE_NAMES", "fortune_documents", "prose_text"]
 
 FORTUNE_DIR = Path("/usr/share/games/fortunes")
 FORTUNE_DIR_ENV = "TRANSGQLA_FORTUNE_DIR"  # another folder of fortune files (tests, non-Debian systems)
-PROSE_NAMES = ("prose-calib", "prose-eval")
 SKIPPED_FILES = frozenset(
     {"computers", "linux", "linuxcookie", "perl", "debian", "ascii-art", "knghtbrd", "translate-me", "disclaimer"}
 )
@@ -71,8 +71,6 @@ def fortune_folder() -> Path:
 
 @functools.lru_cache(maxsize=4)
 def _split(folder: Path) -> dict[str, str]:
-    from .texts import TARGET_CHARS, split_documents
-
     if not folder.is_dir():
         raise InputError(
             f"the prose texts are read from Debian's fortune files in {folder}, which is missing: "
@@ -86,7 +84,7 @@ def _split(folder: Path) -> dict[str, str]:
 
 def prose_text(name: str) -> str:
     """``prose-calib`` or ``prose-eval``: disjoint halves of the fortunes, each at most about
-    :data:`transgqla.texts.TARGET_CHARS` characters (all there is when the collection is smaller)."""
+    :data:`transgqla.text.builtin.TARGET_CHARS` characters (all there is when the collection is smaller)."""
     if name not in PROSE_NAMES:
         raise InputError(f"unknown prose text {name!r}; choose one of: {', '.join(PROSE_NAMES)}")
     return _split(fortune_folder())[name]

@@ -1,4 +1,5 @@
-"""Offline English prose for calibration and held-out evaluation.
+"""The built-in documentation texts (``builtin:calib``, ``builtin:eval``): offline English prose for
+calibration and held-out evaluation.
 
 Nothing is downloaded: the text is read, at run time, from the Python standard
 library that runs transgqla, so it exists on any fresh machine.
@@ -40,13 +41,11 @@ import sysconfig
 from pathlib import Path
 
 from transgqla.errors import InputError
+from transgqla.text.builtin import DOC_NAMES, TARGET_CHARS, split_documents
 
-__all__ = ["TEXT_NAMES", "TARGET_CHARS", "builtin_text", "split_documents"]
+__all__ = ["TEXT_NAMES", "documentation_text"]
 
-TEXT_NAMES = ("calib", "eval")
-
-#: Stop adding standard-library docstrings once both texts hold this many characters.
-TARGET_CHARS = 300_000
+TEXT_NAMES = DOC_NAMES  # standard-library docstrings stop being added once both hold TARGET_CHARS characters
 
 # Folders of the standard library whose docstrings are not wanted (tests, tools,
 # code generators, vendored or platform packages).
@@ -168,29 +167,6 @@ def _docstring_document(path: Path) -> str:
     return "\n\n".join(docs)
 
 
-def split_documents(documents, names: tuple[str, ...], target: int | None) -> dict[str, str]:
-    """Deal ``(name, paragraphs)`` documents, in order, whole, to whichever side of ``names`` is
-    shortest so far; a paragraph seen before is dropped. Stops once every side has ``target``
-    characters (None: never). Returns each side's paragraphs joined by blank lines."""
-    sides: dict[str, list[str]] = {name: [] for name in names}
-    sizes = {name: 0 for name in names}
-    seen: set[str] = set()
-    for _name, doc in documents:
-        if target is not None and min(sizes.values()) >= target:
-            break
-        paras = []
-        for para in doc:
-            if para not in seen:
-                seen.add(para)
-                paras.append(para)
-        if not paras:
-            continue
-        side = min(names, key=lambda n: (sizes[n], names.index(n)))
-        sides[side].extend(paras)
-        sizes[side] += sum(len(p) + 2 for p in paras)
-    return {name: "\n\n".join(paras) + "\n" for name, paras in sides.items()}
-
-
 def _documentation():
     """(name, prose paragraphs) of the help topics, then of the standard library's docstrings."""
     for name, doc in _topic_documents():
@@ -204,21 +180,12 @@ def _split() -> dict[str, str]:
     return split_documents(_documentation(), TEXT_NAMES, TARGET_CHARS)
 
 
-def builtin_text(name: str) -> str:
-    """The offline English text ``name``: ``"calib"`` or ``"eval"`` (documentation, below), or
-    ``"prose-calib"`` / ``"prose-eval"`` (general prose, :mod:`transgqla.prose`).
-
-    The two texts are disjoint (no shared document or paragraph), deterministic
-    for a given Python version and about :data:`TARGET_CHARS` characters each
-    (roughly 60-70k tokens for a Llama-style BPE tokenizer). See the module
-    docstring for where the text comes from.
-    """
-    from .prose import PROSE_NAMES, prose_text
-
-    if name in PROSE_NAMES:
-        return prose_text(name)
+def documentation_text(name: str) -> str:
+    """``calib`` or ``eval``: disjoint halves of the documentation (see the module docstring), each about
+    :data:`~transgqla.text.builtin.TARGET_CHARS` characters (roughly 60-70k tokens for a Llama-style BPE
+    tokenizer), deterministic for a given Python version."""
     if name not in TEXT_NAMES:
-        raise InputError(f"unknown built-in text {name!r}; choose one of: {', '.join(TEXT_NAMES + PROSE_NAMES)}")
+        raise InputError(f"unknown documentation text {name!r}; choose one of: {', '.join(TEXT_NAMES)}")
     text = _split()[name]
     if not text.strip():
         raise InputError(

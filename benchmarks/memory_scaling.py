@@ -23,7 +23,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from scale import DEFAULT_WORKDIR, LLAMA3_ROPE, RESULTS, ensure_checkpoint, folder_bytes, llama_config, plan_specs, run_measured  # noqa: E402
+from scale import (  # noqa: E402
+    DEFAULT_WORKDIR,
+    LLAMA3_ROPE,
+    RESULTS,
+    ensure_checkpoint,
+    folder_bytes,
+    llama_config,
+    plan_specs,
+    run_measured,
+)
 
 GEOMETRY = dict(hidden_size=1024, num_attention_heads=8, num_key_value_heads=2, head_dim=128, intermediate_size=2816,
                 vocab_size=32000, tie_word_embeddings=False, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE,

@@ -52,9 +52,9 @@ def forward_seconds(calib_text: str, tokens: int) -> tuple[float, float]:
     import torch
 
     from transgqla.calib.runner import LayerwiseCalibration
-    from transgqla.text.pipeline import load_tokenizer, read_sources, token_windows
     from transgqla.demo import materialize_demo
     from transgqla.io import SafetensorsCheckpoint
+    from transgqla.text.pipeline import load_tokenizer, read_sources, token_windows
 
     folder = materialize_demo()
     config = json.loads((folder / "config.json").read_text())

@@ -21,14 +21,25 @@ from transgqla import __version__
 from transgqla.errors import TransGQLAError
 
 from .export_cmd import register as register_export
-from .options import (DEFAULT_SHARD_SIZE, Device, Force, JsonFlag, KvLoraRank, MaxShardSize, QkRopeDim, Seqlen,
-                      device_name, parse_size)
+from .options import (
+    DEFAULT_SHARD_SIZE,
+    Device,
+    Force,
+    JsonFlag,
+    KvLoraRank,
+    MaxShardSize,
+    QkRopeDim,
+    Seqlen,
+    device_name,
+    parse_size,
+)
 from .plan_cmd import register as register_plan
 from .progress import progress_reporter
 from .render import conversion_table, fail, plan_line, recipes_table, warn
 from .verify_cmd import register as register_verify
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Convert GQA checkpoints to GQLA, verify and export them.")
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Convert GQA checkpoints to GQLA, verify and export them.")
 err = Console(stderr=True)
 out = Console()
 
@@ -41,7 +52,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main_options(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True,
+        help="Print the version and exit."),
 ) -> None:
     """transgqla: Group-Query Latent Attention checkpoints from GQA ones."""
 
@@ -65,20 +78,38 @@ def convert(
     kv_lora_rank: KvLoraRank = None,
     qk_rope_dim: QkRopeDim = None,
     freqfold: Optional[str] = typer.Option(None, "--freqfold", help="Frequencies per PCA block, or 'auto'."),
-    calib: list[str] = typer.Option(["auto"], "--calib", help="Calibration source (repeatable; several mix with an even token budget): a .txt/.jsonl file, builtin:calib (Python docs), builtin:prose-calib (general English, Debian's fortunes), hf:REPO[:CONFIG[:SPLIT]] (a dataset already in the local Hugging Face cache), self (text the source samples itself; one forward per token), 'none' (statistics from the weights alone), or 'auto' (the most general source available offline, said on stderr; none without tokenizer.json)."),
+    calib: list[str] = typer.Option(
+        ["auto"], "--calib",
+        help="Calibration source (repeatable; several mix with an even token budget): a .txt/.jsonl file, "
+             "builtin:calib (Python docs), builtin:prose-calib (general English, Debian's fortunes), "
+             "hf:REPO[:CONFIG[:SPLIT]] (a dataset already in the local Hugging Face cache), self (text the source "
+             "samples itself; one forward per token), 'none' (statistics from the weights alone), or 'auto' (the "
+             "most general source available offline, said on stderr; none without tokenizer.json)."),
     calib_tokens: int = typer.Option(16384, "--calib-tokens", help="Calibration tokens to use at most."),
     calib_seqlen: int = typer.Option(512, "--calib-seqlen", help="Calibration window length in tokens."),
-    method: Optional[str] = typer.Option(None, "--method", help="pca (data-free) | transmla | gqla (default with --calib)."),
-    sequential: bool = typer.Option(False, "--sequential", help="Calibrate layer l on the outputs of converted layers < l."),
-    refine: Optional[int] = typer.Option(None, "--refine", help="Gradient steps per layer fitting the converted attention's output to the source's on the calibration text (0 = closed form only; default: recipe, else 40 with calibration text)."),
+    method: Optional[str] = typer.Option(
+        None, "--method",
+        help="pca (data-free) | transmla | gqla (default with --calib)."),
+    sequential: bool = typer.Option(
+        False, "--sequential",
+        help="Calibrate layer l on the outputs of converted layers < l."),
+    refine: Optional[int] = typer.Option(
+        None, "--refine",
+        help="Gradient steps per layer fitting the converted attention's output to the source's on the calibration "
+             "text (0 = closed form only; default: recipe, else 40 with calibration text)."),
     device: Device = "auto",
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Built-in recipe name or a TOML file."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16|float16|float32 for converted tensors (default: source's)."),
+    dtype: Optional[str] = typer.Option(
+        None, "--dtype",
+        help="bfloat16|float16|float32 for converted tensors (default: source's)."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
     max_shard_size: MaxShardSize = DEFAULT_SHARD_SIZE,
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan; write nothing."),
     force: Force = False,
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted conversion from OUT's partial output (bit-identical result); starts fresh if there is none."),
+    resume: bool = typer.Option(
+        False, "--resume",
+        help="Continue an interrupted conversion from OUT's partial output (bit-identical result); starts fresh if "
+             "there is none."),
     as_json: JsonFlag = False,
 ) -> None:
     """Stream a GQA checkpoint into a GQLA checkpoint (format v1)."""
@@ -140,7 +171,8 @@ def eval_ppl(
         print(json.dumps({"ok": True, **doc}, indent=2))
     else:
         out.print(f"perplexity {doc['perplexity']:.3f} over {doc['tokens']} predicted tokens "
-                  f"({doc['windows']} windows of {doc['seqlen']}; {doc['kind']}{' ' + doc['path'] if doc['path'] else ''}; "
+                  f"({doc['windows']} windows of {doc['seqlen']}; {doc['kind']}"
+                  f"{' ' + doc['path'] if doc['path'] else ''}; "
                   f"{doc['seconds']:.1f} s)")
 
 
@@ -151,7 +183,8 @@ def recipes(as_json: JsonFlag = False) -> None:
 
     found = builtin_recipes()
     if as_json:
-        print(json.dumps([{"name": r.name, "description": r.description, "match": r.match, "settings": r.settings} for r in found], indent=2))
+        docs = [{"name": r.name, "description": r.description, "match": r.match, "settings": r.settings} for r in found]
+        print(json.dumps(docs, indent=2))
         return
     out.print(recipes_table(found))
 

@@ -62,7 +62,8 @@ def export_table(s: dict[str, Any]) -> Table:
     if "latent_norm" in s:
         ln = s["latent_norm"]
         table.add_row("target", s.get("target", ""))
-        folded = f" ({ln['residual_folded_layers']} layers folded into kv_b_proj)" if ln["residual_folded_layers"] else ""
+        n_folded = ln["residual_folded_layers"]
+        folded = f" ({n_folded} layers folded into kv_b_proj)" if n_folded else ""
         table.add_row(f"latent norm ({ln['form']}): |scale - 1|", _fmt(ln["max_residual_scale_error"]) + folded)
         table.add_row("latent norm worst-case rel. deviation", _fmt(ln["worst_case_rel_error"]))
     if "engines" in s:
@@ -86,17 +87,40 @@ def register(app: typer.Typer) -> None:
 
     @app.command("export")
     def export(
-        out_dir: Path = typer.Argument(..., metavar="OUT", help="GQLA checkpoint folder (written by transgqla convert)."),
+        out_dir: Path = typer.Argument(
+            ..., metavar="OUT",
+            help="GQLA checkpoint folder (written by transgqla convert)."),
         dst_dir: Path = typer.Argument(..., metavar="DST", help="Export folder (must be empty unless --force)."),
-        path: str = typer.Option(..., "--path", help="Decode path: absorb (MLA-like latent cache) | gqa (per-group K/V cache)."),
-        fmt: str = typer.Option("gqla", "--format", help="gqla (GQLA checkpoint, remote code) | deepseek (stock DeepSeek-V3, --path absorb) | mimo (stock MiMo-V2-Flash, --path gqa)."),
-        target: str = typer.Option("engines", "--target", help="With --format deepseek: engines (vLLM/SGLang/transformers: no biases, kv_lora_rank = r, linear latent norm, rms_norm_eps 1e-6) | transformers (exact constant-coordinate pin, stock transformers only)."),
-        fold_kv: bool = typer.Option(False, "--fold-kv", help="With --path gqa: fold kv_b_proj into per-group k_proj/v_proj for GQA runtimes."),
-        q_lora_bias: bool = typer.Option(False, "--q-lora-bias", help="With --format deepseek --target transformers: carry a query bias (Qwen2) exactly through q_lora_rank = hidden_size + 1 instead of refusing."),
+        path: str = typer.Option(
+            ..., "--path",
+            help="Decode path: absorb (MLA-like latent cache) | gqa (per-group K/V cache)."),
+        fmt: str = typer.Option(
+            "gqla", "--format",
+            help="gqla (GQLA checkpoint, remote code) | deepseek (stock DeepSeek-V3, --path absorb) | mimo (stock "
+                 "MiMo-V2-Flash, --path gqa)."),
+        target: str = typer.Option(
+            "engines", "--target",
+            help="With --format deepseek: engines (vLLM/SGLang/transformers: no biases, kv_lora_rank = r, linear "
+                 "latent norm, rms_norm_eps 1e-6) | transformers (exact constant-coordinate pin, stock transformers "
+                 "only)."),
+        fold_kv: bool = typer.Option(
+            False, "--fold-kv",
+            help="With --path gqa: fold kv_b_proj into per-group k_proj/v_proj for GQA runtimes."),
+        q_lora_bias: bool = typer.Option(
+            False, "--q-lora-bias",
+            help="With --format deepseek --target transformers: carry a query bias (Qwen2) exactly through q_lora_rank "
+                 "= hidden_size + 1 instead of refusing."),
         force: Force = False,
         device: Device = "auto",
-        check: str = typer.Option("auto", "--check", help="Check of a rewritten export: auto (layer by layer above 2 GiB of float32 weights) | full (both whole models, logits and greedy tokens) | layerwise (one layer at a time, bounded memory). Byte-identical exports are checked by their hashes."),
-        tol: Optional[float] = typer.Option(None, "--tol", help="Relative logit error allowed by the check (default: 1e-4 for float32 weights; bfloat16/float16 5e-3/2e-3, or 2e-2/5e-3 with --fold-kv)."),
+        check: str = typer.Option(
+            "auto", "--check",
+            help="Check of a rewritten export: auto (layer by layer above 2 GiB of float32 weights) | full (both whole "
+                 "models, logits and greedy tokens) | layerwise (one layer at a time, bounded memory). "
+                 "Byte-identical exports are checked by their hashes."),
+        tol: Optional[float] = typer.Option(
+            None, "--tol",
+            help="Relative logit error allowed by the check (default: 1e-4 for float32 weights; bfloat16/float16 "
+                 "5e-3/2e-3, or 2e-2/5e-3 with --fold-kv)."),
         max_shard_size: MaxShardSize = DEFAULT_SHARD_SIZE,
         as_json: JsonFlag = False,
     ) -> None:

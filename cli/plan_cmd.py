@@ -31,7 +31,8 @@ ROWS = (
 
 def plan_table(doc: dict[str, Any], src: str) -> Table:
     g, w = doc["gpu"], doc["workload"]
-    title = (f"plan {src} on {g['name']} ({g['tflops']:g} TFLOP/s, {g['tbps']:g} TB/s, ridge {g['ridge_flops_per_byte']:.0f} "
+    title = (f"plan {src} on {g['name']} ({g['tflops']:g} TFLOP/s, {g['tbps']:g} TB/s, "
+             f"ridge {g['ridge_flops_per_byte']:.0f} "
              f"FLOPs/byte): s_q {w['sq']}, tp {w['tp']}, context {w['context']}, batch {w['batch']}")
     table = Table(title=Text(title), header_style="bold")
     table.add_column("per decode step")
@@ -62,8 +63,12 @@ def register(app: typer.Typer) -> None:
 
     @app.command("plan")
     def plan_cmd(
-        src: Path = typer.Argument(..., metavar="SRC", help="A GQLA checkpoint, or a source GQA checkpoint / config.json (ranks from the flags or the recipe)."),
-        gpu: Optional[str] = typer.Option(None, "--gpu", help="h100 | h200 | h20 | a100 | l40s | rtx4090 | mi300x (default h100 unless --tflops/--tbps)."),
+        src: Path = typer.Argument(
+            ..., metavar="SRC",
+            help="A GQLA checkpoint, or a source GQA checkpoint / config.json (ranks from the flags or the recipe)."),
+        gpu: Optional[str] = typer.Option(
+            None, "--gpu",
+            help="h100 | h200 | h20 | a100 | l40s | rtx4090 | mi300x (default h100 unless --tflops/--tbps)."),
         tflops: Optional[float] = typer.Option(None, "--tflops", help="Dense BF16 TFLOP/s (overrides the table)."),
         tbps: Optional[float] = typer.Option(None, "--tbps", help="Memory bandwidth in TB/s (overrides the table)."),
         memory_gb: Optional[float] = typer.Option(None, "--memory-gb", help="GPU memory in GB (overrides the table)."),

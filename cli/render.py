@@ -69,7 +69,8 @@ def conversion_table(summary: dict[str, Any], layers: list[dict[str, float]]) ->
 def plan_line(plan) -> str:
     """One line, printed before a long conversion starts: what will run, on what, where."""
     s, w = plan.settings, plan.windows
-    calib = f"{s.calib} ({w.numel()} tokens = {w.shape[0]} windows of {w.shape[1]})" if w is not None else "none (weights)"
+    calib = (f"{s.calib} ({w.numel()} tokens = {w.shape[0]} windows of {w.shape[1]})" if w is not None
+             else "none (weights)")
     mode = ", sequential" if plan.request.sequential else ""
     return (f"converting {plan.geo.architecture} ({plan.geo.n_layers} layers) to GQLA {s.kv_lora_rank} + "
             f"{s.qk_rope_head_dim}: method {s.method}{mode}, calibration {calib}, device {plan.request.device}; "

@@ -21,7 +21,8 @@ from transgqla.errors import TransGQLAError, VerificationError
 from .options import Device, JsonFlag, Seqlen, device_name
 from .render import error_line, fail
 
-_STATUS = {"pass": ("pass", "bold green"), "fail": ("FAIL", "bold red"), "info": ("info", "cyan"), "skipped": ("skipped", "dim")}
+_STATUS = {"pass": ("pass", "bold green"), "fail": ("FAIL", "bold red"), "info": ("info", "cyan"),
+           "skipped": ("skipped", "dim")}
 
 
 def fmt(v: Any) -> str:
@@ -72,18 +73,35 @@ def register(app: typer.Typer) -> None:
     @app.command("verify")
     def verify(
         out_dir: Path = typer.Argument(..., metavar="OUT", help="GQLA checkpoint folder to verify."),
-        source: Optional[str] = typer.Option(None, "--source", help="Source GQA checkpoint (folder or Hub id) for fidelity; default: the local folder recorded in config.json, if it exists."),
-        text: Optional[Path] = typer.Option(None, "--text", help="UTF-8 text for KL, top-1 and perplexity (needs tokenizer.json); default: a built-in text."),
+        source: Optional[str] = typer.Option(
+            None, "--source",
+            help="Source GQA checkpoint (folder or Hub id) for fidelity; default: the local folder recorded in "
+                 "config.json, if it exists."),
+        text: Optional[Path] = typer.Option(
+            None, "--text",
+            help="UTF-8 text for KL, top-1 and perplexity (needs tokenizer.json); default: a built-in text."),
         seqlen: Seqlen = 512,
         tokens: int = typer.Option(32, "--tokens", help="Greedy tokens to generate on each path."),
         device: Device = "auto",
         dtype: str = typer.Option("float32", "--dtype", help="Compute dtype of the numerical checks: float32|float64."),
-        checks: str = typer.Option("structure,paths,fidelity,decode", "--checks", help="Comma-separated sections to run."),
-        path_tol: Optional[float] = typer.Option(None, "--path-tol", help="Max absorb-vs-gqa relative error (default 1e-5)."),
-        max_attn_error: Optional[float] = typer.Option(None, "--max-attn-error", help="Fail if any layer's attention relative error vs the source exceeds this."),
-        max_kl: Optional[float] = typer.Option(None, "--max-kl", help="Fail if KL(source || gqla) per token (nats) exceeds this."),
-        min_top1: Optional[float] = typer.Option(None, "--min-top1", help="Fail if top-1 agreement with the source is below this (0..1)."),
-        max_ppl_ratio: Optional[float] = typer.Option(None, "--max-ppl-ratio", help="Fail if perplexity gqla / source exceeds this."),
+        checks: str = typer.Option(
+            "structure,paths,fidelity,decode", "--checks",
+            help="Comma-separated sections to run."),
+        path_tol: Optional[float] = typer.Option(
+            None, "--path-tol",
+            help="Max absorb-vs-gqa relative error (default 1e-5)."),
+        max_attn_error: Optional[float] = typer.Option(
+            None, "--max-attn-error",
+            help="Fail if any layer's attention relative error vs the source exceeds this."),
+        max_kl: Optional[float] = typer.Option(
+            None, "--max-kl",
+            help="Fail if KL(source || gqla) per token (nats) exceeds this."),
+        min_top1: Optional[float] = typer.Option(
+            None, "--min-top1",
+            help="Fail if top-1 agreement with the source is below this (0..1)."),
+        max_ppl_ratio: Optional[float] = typer.Option(
+            None, "--max-ppl-ratio",
+            help="Fail if perplexity gqla / source exceeds this."),
         as_json: JsonFlag = False,
     ) -> None:
         """Check a GQLA checkpoint: structure and hashes, path equivalence, fidelity to the source, reference decode."""

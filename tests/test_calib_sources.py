@@ -8,11 +8,12 @@ import json
 import pytest
 import torch
 
-from test_calibration import WORDS, make_tokenizer, tiny_text
 from transgqla.calib import sources
 from transgqla.calib.sources import calibration_windows, hf_text, resolve_auto, self_generated
-from transgqla.text.pipeline import load_tokenizer, token_windows
 from transgqla.errors import InputError
+from transgqla.text.pipeline import load_tokenizer, token_windows
+
+from test_calibration import WORDS, make_tokenizer, tiny_text
 
 
 @pytest.fixture
@@ -113,7 +114,8 @@ def test_self_source_in_a_mix_records_its_seed(source_factory, tmp_path):
     assert got.sources == ["self:seed=0", str(text)] and got.windows.shape == (4, 16)
 
 
-def test_auto_prefers_a_cached_general_dataset_then_the_builtin_mix(source_factory, hub_cache, capsys, monkeypatch, tmp_path):
+def test_auto_prefers_a_cached_general_dataset_then_the_builtin_mix(source_factory, hub_cache, capsys, monkeypatch,
+                                                                    tmp_path):
     from transgqla.text import prose
 
     src, _ = source_factory("llama", layers=1)

@@ -165,7 +165,8 @@ def test_line_progress_estimates_from_the_first_layer():
         p.update(done, 10)
     lines = stream.getvalue().splitlines()
     assert lines == ["2/10 layers already done",
-                     "layer 3/10, elapsed 30 s, ETA 3 min 30 s (estimate from the first layer: about 4 min 00 s in all)",
+                     "layer 3/10, elapsed 30 s, ETA 3 min 30 s "
+                     "(estimate from the first layer: about 4 min 00 s in all)",
                      "layer 4/10, elapsed 1 min 00 s, ETA 3 min 00 s"]
 
 

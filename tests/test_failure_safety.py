@@ -26,8 +26,8 @@ from typer.testing import CliRunner
 
 from transgqla.cli.app import app
 from transgqla.convert import ConversionInterrupted, ConvertRequest, convert
-from transgqla.io.staging import PROGRESS
 from transgqla.io import writer as writer_mod
+from transgqla.io.staging import PROGRESS
 
 from conftest import make_source
 from test_calibration import make_tokenizer, tiny_text
@@ -194,7 +194,8 @@ def test_resume_refuses_a_different_plan(src, tmp_path, monkeypatch):
     out = tmp_path / "out"
     interrupt_in_process(ConvertRequest(source=str(src), out=out, **SETTINGS), monkeypatch, "shard:2")
     before = files_of(staging(out))
-    r = invoke("convert", src, out, "--kv-lora-rank", "32", "--qk-rope-dim", "8", "--max-shard-size", "0.00002", "--resume")
+    r = invoke("convert", src, out, "--kv-lora-rank", "32", "--qk-rope-dim", "8", "--max-shard-size", "0.00002",
+               "--resume")
     lines = r.stderr.strip().splitlines()
     assert r.exit_code == 4 and len(lines) == 1 and "without --resume" in lines[0], r.output
     assert files_of(staging(out)) == before and not out.exists()  # kept for a matching --resume
@@ -245,7 +246,8 @@ def test_source_is_only_read(src, tmp_path, monkeypatch):
     real_open, real_os_open = builtins.open, os.open
 
     def spy_open(file, mode="r", *a, **k):
-        if isinstance(file, (str, os.PathLike)) and str(Path(file).resolve()).startswith(root) and set(mode) & set("wax+"):
+        inside = isinstance(file, (str, os.PathLike)) and str(Path(file).resolve()).startswith(root)
+        if inside and set(mode) & set("wax+"):
             writes.append((file, mode))
         return real_open(file, mode, *a, **k)
 
@@ -290,7 +292,8 @@ def test_bytes_do_not_depend_on_the_thread_count(tmp_path):
     try:
         for threads in (1, 2, 1):
             torch.set_num_threads(threads)
-            convert(ConvertRequest(source=str(src), out=tmp_path / f"out{threads}", force=True, kv_lora_rank=128, qk_rope_dim=32))
+            convert(ConvertRequest(source=str(src), out=tmp_path / f"out{threads}", force=True, kv_lora_rank=128,
+                                   qk_rope_dim=32))
     finally:
         torch.set_num_threads(before)
     assert files_of(tmp_path / "out1") == files_of(tmp_path / "out2")

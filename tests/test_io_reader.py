@@ -1,4 +1,5 @@
-"""SafetensorsCheckpoint (io/reader.py) and resolve_source (io/hub.py), checked against the real `safetensors` package."""
+"""SafetensorsCheckpoint (io/reader.py) and resolve_source (io/hub.py), checked against the real `safetensors`
+package."""
 
 from __future__ import annotations
 
@@ -116,7 +117,10 @@ def test_concurrent_reads_from_several_threads_are_exact(tmp_path: Path) -> None
             for i in range(120):
                 name = names[(i * (offset + 1) + offset) % len(names)]
                 try:
-                    got = ck.read_bytes(name) if i % 2 else ck.read(name).reshape(-1).view(torch.uint8).numpy().tobytes()
+                    if i % 2:
+                        got = ck.read_bytes(name)
+                    else:
+                        got = ck.read(name).reshape(-1).view(torch.uint8).numpy().tobytes()
                 except Exception as exc:  # a handle closed or moved by another thread
                     errors.append(f"{name}: {exc!r}")
                     continue
@@ -220,7 +224,8 @@ def test_header_semantic_checks(tmp_path: Path) -> None:
         _write_header(path, header, bytes(16))
         with pytest.raises(InputError, match=pattern):
             SafetensorsCheckpoint(tmp_path)
-    body = b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}'
+    body = (b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
+            b'"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}')
     path.write_bytes(struct.pack("<Q", len(body)) + body + bytes(8))
     with pytest.raises(InputError, match="duplicate"):
         SafetensorsCheckpoint(tmp_path)

@@ -1,4 +1,5 @@
-"""plan_shards, ShardedWriter (io/writer.py) and StagedOutput (io/staging.py), checked against the real `safetensors` package."""
+"""plan_shards, ShardedWriter (io/writer.py) and StagedOutput (io/staging.py), checked against the real
+`safetensors` package."""
 
 from __future__ import annotations
 

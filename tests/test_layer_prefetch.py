@@ -9,8 +9,8 @@ import torch
 
 from transgqla import convert as convert_module
 from transgqla.errors import InputError
-from transgqla.layer_prefetch import LayerPrefetcher
 from transgqla.io import SafetensorsCheckpoint
+from transgqla.layer_prefetch import LayerPrefetcher
 
 from helpers import run_convert
 

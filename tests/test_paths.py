@@ -58,8 +58,9 @@ def test_source_decoder_matches_transformers(source_factory, family):
     """The plain source reference (used for fidelity and perplexity) equals stock transformers."""
     import json
 
-    from helpers import load_tensors
     from transgqla.model.decoder import SourceDecoder
+
+    from helpers import load_tensors
 
     src, model = source_factory(family, n_kv=2)
     dec = SourceDecoder(json.loads((src / "config.json").read_text()), load_tensors(src), dtype=torch.float64)
@@ -75,9 +76,9 @@ def test_source_decoder_matches_transformers(source_factory, family):
 def test_reference_decode_step_makes_no_per_head_cache_copy(path):
     """A cached decode step of the reference attention reads the cache without copying it per head
     (what broadcasting ``[B, 1, T, r]`` or ``repeat_interleave`` of the GQA cache does)."""
+    from transgqla.mathx.rope import inv_freq
     from transgqla.model.attention import KVCache, attention
     from transgqla.model.geometry import GQLAGeometry
-    from transgqla.mathx.rope import inv_freq
 
     b, n_h, n_g, d_nope, d_r, d_v, r, hidden, t = 1, 32, 2, 16, 8, 16, 64, 64, 256
     geo = GQLAGeometry(hidden, n_h, n_g, d_nope, d_r, d_v, r, 1, 1e-6, inv_freq(d_r, 10000.0), None, "silu", False)

@@ -13,11 +13,10 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from cli.plan_cmd import register
 from transgqla.errors import InputError
 from transgqla.plan import GPUS, Shape, Workload, gpu_from, plan, shape_from_config
 from transgqla.plan_bench import bench
-
-from cli.plan_cmd import register
 
 LLAMA3_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
              "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from transgqla.text import prose
 from transgqla.errors import InputError
+from transgqla.text import prose
 from transgqla.text.builtin import builtin_text, split_documents
 
 
@@ -20,7 +20,8 @@ def _write_fortunes(folder, files: dict[str, list[str]]):
 @pytest.fixture
 def fortunes(tmp_path, monkeypatch):
     entries = {
-        "wisdom": [f"\tWisdom number {i} is that patience\nbeats   haste on most days.\n\t\t-- Author {i}" for i in range(40)],
+        "wisdom": [f"\tWisdom number {i} is that patience\nbeats   haste on most days.\n\t\t-- Author {i}"
+                   for i in range(40)],
         "people": [f"Person {i} once said that the sea is wide and the boat is small." for i in range(40)],
         "computers": ["The compiler is the programmer's best friend, said nobody ever."],
         "art": ["@@@@ #### $$$$ %%%% ^^^^ &&&& **** ((((", "Art is long and life is short, as the old saying goes."],

@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import load_decoder, rel_err, run_convert
-from test_calibration import make_tokenizer, tiny_text
-from transgqla.text.pipeline import load_tokenizer
 from transgqla.calib.refine import RefineSettings, gqla_output, refine_attention, source_output
 from transgqla.errors import InputError
 from transgqla.model.attention import KVCache, attention
 from transgqla.model.geometry import GQLAGeometry
 from transgqla.model.source_attention import GQAGeometry, gqa_attention
+from transgqla.text.pipeline import load_tokenizer
+
+from helpers import load_decoder, rel_err, run_convert
+from test_calibration import make_tokenizer, tiny_text
 
 CFG = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
        "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8, "kv_lora_rank": 6, "head_dim": 8,

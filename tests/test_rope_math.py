@@ -4,7 +4,14 @@ import math
 
 import torch
 
-from transgqla.mathx.rope import cos_sin, half_to_interleaved, interleaved_layout, interleaved_to_half, inv_freq, rotate_half_layout
+from transgqla.mathx.rope import (
+    cos_sin,
+    half_to_interleaved,
+    interleaved_layout,
+    interleaved_to_half,
+    inv_freq,
+    rotate_half_layout,
+)
 from transgqla.mathx.rorope import block_components, embed_component, rope_basis
 
 

@@ -19,12 +19,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from helpers import run_convert
 from transgqla.cli.verify_cmd import register
-from transgqla.format import MANIFEST
+from transgqla.format import AUTO_MAP, MANIFEST
 from transgqla.io import sha256_file
 from transgqla.mathx.rope import interleaved_to_half
 from transgqla.verify import FidelityBounds, run_verify
+
+from helpers import run_convert
 
 runner = CliRunner()
 FAST = dict(tokens=4, seqlen=32, device="cpu")
@@ -92,7 +93,8 @@ def write_char_tokenizer(out: Path) -> None:
     from tokenizers import Tokenizer, models
 
     chars = ["<unk>"] + list(string.ascii_letters + string.digits + " .,;:!?'\"()-\n")
-    Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[], unk_token="<unk>")).save(str(out / "tokenizer.json"))
+    bpe = models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[], unk_token="<unk>")
+    Tokenizer(bpe).save(str(out / "tokenizer.json"))
     refresh_manifest(out, "tokenizer.json")
 
 
@@ -137,7 +139,8 @@ def test_converted_checkpoint_verifies(lossy):
     assert doc["ok"] is True and doc["failed"] == []
     got = {c["name"]: c for c in doc["checks"]}
     for name in ("structure.config", "structure.shards", "structure.tensors", "structure.finite", "structure.manifest",
-                 "paths.equivalence", "fidelity.attention", "fidelity.kl", "fidelity.top1", "decode.tokens", "decode.cache_bytes"):
+                 "paths.equivalence", "fidelity.attention", "fidelity.kl", "fidelity.top1", "decode.tokens",
+                 "decode.cache_bytes"):
         assert name in got, name
         assert set(got[name]) >= {"name", "ok", "value", "threshold", "message"}
     assert got["paths.equivalence"]["value"] < 1e-5 and got["paths.equivalence"]["threshold"] == 1e-5
@@ -160,7 +163,8 @@ def test_table_output(lossy):
 
 def test_exact_conversion_meets_tight_fidelity_bounds(exact):
     src, out = exact
-    report = run_verify(out, source=str(src), bounds=FidelityBounds(max_attn_error=1e-3, max_kl=1e-6, min_top1=1.0), **FAST)
+    bounds = FidelityBounds(max_attn_error=1e-3, max_kl=1e-6, min_top1=1.0)
+    report = run_verify(out, source=str(src), bounds=bounds, **FAST)
     assert report.ok, [(c.name, c.value, c.message) for c in report.failed()]
     assert report.get("fidelity.attention").value < 1e-4
 
@@ -297,7 +301,7 @@ def write_gqla_checkpoint(out: Path, *, n_heads=8, n_groups=8, d=128, d_rope=64,
     }))
     config = {
         "architectures": ["GQLAForCausalLM"], "model_type": "gqla",
-        "auto_map": {"AutoConfig": "configuration_gqla.GQLAConfig", "AutoModelForCausalLM": "modeling_gqla.GQLAForCausalLM"},
+        "auto_map": AUTO_MAP,
         "hidden_size": hidden, "intermediate_size": hidden, "num_hidden_layers": 1, "vocab_size": vocab,
         "num_attention_heads": n_heads, "num_key_value_heads": n_groups, "head_dim": d,
         "kv_lora_rank": rank, "q_lora_rank": None, "qk_nope_head_dim": d, "qk_rope_head_dim": d_rope, "v_head_dim": d,

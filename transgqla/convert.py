@@ -40,8 +40,19 @@ import torch
 
 from . import __version__, hf_remote
 from .errors import InputError, OutputError, UnsupportedError
-from .format import (COPIED_FILES, DEFAULT_SHARD_BYTES, MANIFEST, REMOTE_CODE, WRITER_METADATA, AttentionDims,
-                     build_config, cache_sizes, converted_names, json_bytes, manifest)
+from .format import (
+    COPIED_FILES,
+    DEFAULT_SHARD_BYTES,
+    MANIFEST,
+    REMOTE_CODE,
+    WRITER_METADATA,
+    AttentionDims,
+    build_config,
+    cache_sizes,
+    converted_names,
+    json_bytes,
+    manifest,
+)
 from .io import SafetensorsCheckpoint, ShardedWriter, StagedRun, TensorSpec, copy_file_hashed, open_staged_run
 from .io.safetensors_format import to_torch_dtype
 from .io.staging import JOURNAL_VERSION
@@ -80,7 +91,8 @@ class ConvertRequest:
     qk_rope_dim: int | None = None
     freqfold: str | None = None
     recipe: str | None = None
-    calib: list[str] | None = None  # files, builtin:NAME, hf:REPO[:CONFIG[:SPLIT]], self (calib/sources.py); None = data-free; ["auto"] (the CLI's default)
+    # files, builtin:NAME, hf:REPO[:CONFIG[:SPLIT]], self (calib/sources.py); None = data-free; ["auto"] (the CLI's)
+    calib: list[str] | None = None
     calib_tokens: int = 16384
     calib_seqlen: int = 512
     method: str | None = None  # pca | transmla | gqla (default: gqla with calibration, pca without)
@@ -127,7 +139,8 @@ class ConversionResult:
 
     def summary(self) -> dict[str, Any]:
         geo, s = self.plan.geo, self.plan.settings
-        worst = {k: max(r[k] for r in self.layer_reports) for k in ("key_nope_rel_error", "value_rel_error")} if self.layer_reports else {}
+        reports = self.layer_reports
+        worst = {k: max(r[k] for r in reports) for k in ("key_nope_rel_error", "value_rel_error")} if reports else {}
         return {
             "out": str(self.out),
             "source": self.plan.identity,
@@ -135,7 +148,7 @@ class ConversionResult:
             "layers": geo.n_layers,
             "settings": s.to_dict(),
             "cache_values_per_token": cache_sizes(geo, s),
-            "rope_energy_kept_mean": sum(r["rope_energy_kept"] for r in self.layer_reports) / max(1, len(self.layer_reports)),
+            "rope_energy_kept_mean": sum(r["rope_energy_kept"] for r in reports) / max(1, len(reports)),
             "worst_layer_errors": worst,
             "tensors_written": len(self.plan.outputs),
             "bytes_written": sum(t.nbytes for t in self.plan.outputs),
@@ -395,7 +408,8 @@ class _Job:
             if run is not None:
                 run.discard()
         elif isinstance(exc, OutputError) and kept:
-            raise OutputError(f"{exc}; the partial output is kept in {run.path}: rerun with --resume to continue") from None
+            raise OutputError(f"{exc}; the partial output is kept in {run.path}: rerun with --resume to "
+                              "continue") from None
         elif isinstance(exc, KeyboardInterrupt):
             if not kept:
                 raise ConversionInterrupted("interrupted; nothing was written") from None

@@ -49,7 +49,7 @@ def bench(shape: Shape, w: Workload, device: str = "cpu", repeats: int = 20) -> 
     scale = shape.d_k ** -0.5
     q_lat, q_rope = rand(B, heads, s_q, shape.rank), rand(B, heads, s_q, shape.d_rope)
     latent, k_rope = rand(B, T, shape.rank), rand(B, T, shape.d_rope)
-    absorb = _time(lambda: absorb_attention(q_lat, q_rope, latent, k_rope, mask, scale), dev, repeats)
+    absorb = _time(lambda: absorb_attention(q_lat, q_rope, latent, k_rope, mask, scale), dev, repeats)  # noqa: F821
     del q_lat, q_rope, latent, k_rope
     q = rand(B, groups * (heads // groups), s_q, shape.d_k)
     k, v = rand(B, groups, T, shape.d_k), rand(B, groups, T, shape.d_v)

@@ -43,8 +43,8 @@ PROMPTS = (
 )
 TEMPERATURE, TOP_K = 0.9, 50
 # Dataset repositories tried by ``auto``, most general first, when they sit in the local hub cache.
-GENERAL_DATASETS = ("hf:Salesforce/wikitext:wikitext-103-raw-v1:train", "hf:Salesforce/wikitext:wikitext-2-raw-v1:train",
-                    "hf:allenai/c4:en:train")
+GENERAL_DATASETS = ("hf:Salesforce/wikitext:wikitext-103-raw-v1:train",
+                    "hf:Salesforce/wikitext:wikitext-2-raw-v1:train", "hf:allenai/c4:en:train")
 
 
 @dataclass
@@ -103,7 +103,8 @@ def _file_texts(path: Path) -> list[str]:
         return [path.read_text(encoding="utf-8", errors="replace")]
     raw = path.read_text(encoding="utf-8", errors="replace")
     try:
-        rows = json.loads(raw) if path.suffix == ".json" else [json.loads(line) for line in raw.splitlines() if line.strip()]
+        lines = [line for line in raw.splitlines() if line.strip()]
+        rows = json.loads(raw) if path.suffix == ".json" else [json.loads(line) for line in lines]
         return [str(r["text"]) for r in rows if r["text"]]
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
         raise InputError(f"{path}: expected JSON records with a 'text' field") from None
@@ -118,7 +119,8 @@ def hf_text(spec: str) -> str:
                          f"run 'huggingface-cli download --repo-type dataset {repo}' first (or pass a text file)")
     files = _split_files(root, config, split)
     if not files:
-        raise InputError(f"dataset {repo} (cached at {root}) has no data files for config {config or '(any)'} split {split}")
+        raise InputError(f"dataset {repo} (cached at {root}) has no data files for config {config or '(any)'} "
+                         f"split {split}")
     texts = [t for f in files for t in _file_texts(f)]
     text = "\n\n".join(t.strip() for t in texts if t.strip())
     if not text:
@@ -140,7 +142,8 @@ def self_generated(model_folder: Path, n: int, seqlen: int, seed: int = SELF_SEE
     bos = bos[0] if isinstance(bos, list) else bos
     starts = []
     for i in range(n):
-        ids = ([int(bos)] if bos is not None else []) + tok.encode(PROMPTS[i % len(PROMPTS)], add_special_tokens=False).ids
+        prompt = tok.encode(PROMPTS[i % len(PROMPTS)], add_special_tokens=False).ids
+        ids = ([int(bos)] if bos is not None else []) + prompt
         starts.append(ids[: max(1, seqlen // 2)] or [0])
     ckpt = SafetensorsCheckpoint(Path(model_folder))
     try:

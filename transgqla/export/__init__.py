@@ -14,8 +14,8 @@ Forms (``--path`` / ``--format`` / ``--fold-kv``):
 
 Every export is written into a staging folder and checked (:mod:`.check`): a byte-identical one by the
 hashes of its files against OUT's manifest, a rewritten one against the GQLA reference decoder on OUT, whole
-or layer by layer in bounded memory (:mod:`.layerwise`); DST appears only when the check passes. A failed check leaves DST untouched and the
-result says by how much it failed (the CLI exits 5).
+or layer by layer in bounded memory (:mod:`.layerwise`); DST appears only when the check passes. A failed check
+leaves DST untouched and the result says by how much it failed (the CLI exits 5).
 """
 
 from __future__ import annotations
@@ -30,8 +30,19 @@ from .. import devices
 from ..errors import InputError, VerificationError
 from ..format import DEFAULT_SHARD_BYTES, MANIFEST
 from ..io import StagedOutput, ensure_free_space
-from .check import (CHECK_MODES, Candidate, CheckResult, FoldedGQADecoder, decoder_candidate, deepseek_candidate,
-                    manifest_check, mimo_candidate, run_check, tokens_must_match, tolerance_for)
+from .check import (
+    CHECK_MODES,
+    Candidate,
+    CheckResult,
+    FoldedGQADecoder,
+    decoder_candidate,
+    deepseek_candidate,
+    manifest_check,
+    mimo_candidate,
+    run_check,
+    tokens_must_match,
+    tolerance_for,
+)
 from .source import GQLACheckpoint, open_gqla
 
 PATHS = ("absorb", "gqa")
@@ -100,15 +111,19 @@ def _validate(req: ExportRequest) -> None:
     if req.target not in TARGETS:
         raise InputError(f"--target must be engines or transformers, got {req.target!r}")
     if req.fold_kv and req.path != "gqa":
-        raise InputError("--fold-kv folds kv_b_proj into per-group k/v projections for GQA runtimes; use it with --path gqa")
+        raise InputError("--fold-kv folds kv_b_proj into per-group k/v projections for GQA runtimes; "
+                         "use it with --path gqa")
     if req.format == "deepseek" and req.path != "absorb":
-        raise InputError("--format deepseek writes DeepSeek-V3's MLA (absorb path); use --path absorb, or --format gqla for the gqa path")
+        raise InputError("--format deepseek writes DeepSeek-V3's MLA (absorb path); use --path absorb, "
+                         "or --format gqla for the gqa path")
     if req.format == "mimo" and req.path != "gqa":
-        raise InputError("--format mimo writes the GQA path (MiMo-V2-Flash attention); use --path gqa, or --format deepseek for absorb")
+        raise InputError("--format mimo writes the GQA path (MiMo-V2-Flash attention); use --path gqa, "
+                         "or --format deepseek for absorb")
     if req.fold_kv and req.format != "gqla":
         raise InputError(f"--fold-kv writes the gqla format; drop --format {req.format}")
     if req.query_bias_lora and (req.format != "deepseek" or req.target != "transformers"):
-        raise InputError("--q-lora-bias applies to --format deepseek --target transformers only (the engines have no query bias slot)")
+        raise InputError("--q-lora-bias applies to --format deepseek --target transformers only "
+                         "(the engines have no query bias slot)")
     if req.check not in CHECK_MODES:
         raise InputError(f"--check must be one of {', '.join(CHECK_MODES)}, got {req.check!r}")
     if req.tolerance is not None and not req.tolerance > 0:
@@ -130,7 +145,8 @@ def _write(req: ExportRequest, src: GQLACheckpoint, folder: Path, warnings: list
 
     if req.fold_kv:
         details = write_folded(src, folder, req.max_shard_bytes)
-        return details, decoder_candidate(FoldedGQADecoder, "folded", "plain GQA attention on DST's folded k/v (float32)")
+        how = "plain GQA attention on DST's folded k/v (float32)"
+        return details, decoder_candidate(FoldedGQADecoder, "folded", how)
     return write_same(src, folder, req.path), None
 
 
@@ -192,7 +208,8 @@ def failure_message(result: ExportResult) -> str:
         parts += c.notes
     elif c.rel_error > c.tolerance:
         what = "hidden-state" if c.mode == "layerwise" else "logit"
-        parts.append(f"relative {what} error {c.rel_error:.3e} exceeds {c.tolerance:.1e}" + ("" if c.rel_error < float("inf") else f" ({c.notes[-1]})"))
+        why = "" if c.rel_error < float("inf") else f" ({c.notes[-1]})"
+        parts.append(f"relative {what} error {c.rel_error:.3e} exceeds {c.tolerance:.1e}{why}")
     if not c.tokens_equal and c.tokens_required:
         parts.append(f"greedy tokens diverge at token {c.tokens_matched} of {len(c.tokens_reference)}")
     return f"export check failed ({'; '.join(parts)}); {result.request.dst} not written"

@@ -35,10 +35,10 @@ import torch
 
 from ..errors import InputError, UnsupportedError
 from ..io import SafetensorsCheckpoint, sha256_file
+from ..mathx.rope import cos_sin, interleaved_layout
 from ..model.attention import KVCache, _softmax, causal_mask
 from ..model.decoder import Decoder, GQLADecoder
 from ..model.geometry import GQLAGeometry
-from ..mathx.rope import cos_sin, interleaved_layout
 from ..text.pipeline import PROMPT, encode, find_tokenizer, fixed_ids
 
 GREEDY_TOKENS = 16
@@ -230,14 +230,16 @@ def stock_candidate(class_name: str) -> Candidate:
             hf_log.set_verbosity(verbosity)
             if bars:
                 hf_log.enable_progress_bar()
-        missing = list(info.get("missing_keys", [])) + list(info.get("unexpected_keys", [])) + list(info.get("mismatched_keys", []))
+        missing = [k for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") for k in info.get(kind, [])]
         if missing:
-            raise UnsupportedError(f"stock {class_name} does not load every tensor of the export: {sorted(missing)[:4]}")
+            raise UnsupportedError(f"stock {class_name} does not load every tensor of the export: "
+                                   f"{sorted(missing)[:4]}")
         model = model.to(device).eval()
         gen = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=n, min_new_tokens=n,
                                eos_token_id=None, pad_token_id=0, bos_token_id=None)
         ids_d = ids.to(device)
-        tokens = model.generate(ids_d, attention_mask=torch.ones_like(ids_d), generation_config=gen)[0, ids.shape[1]:].tolist()
+        generated = model.generate(ids_d, attention_mask=torch.ones_like(ids_d), generation_config=gen)
+        tokens = generated[0, ids.shape[1]:].tolist()
         logits = model(scored.to(device), use_cache=False).logits.float().cpu()
         return tokens, logits
 
@@ -253,7 +255,8 @@ deepseek_candidate = stock_candidate("DeepseekV3ForCausalLM")
 mimo_candidate = stock_candidate("MiMoV2FlashForCausalLM")
 
 
-def compare(ref_tokens, ref_logits, cand_tokens, cand_logits, *, reference, candidate, prompt_len, how, tolerance) -> CheckResult:
+def compare(ref_tokens, ref_logits, cand_tokens, cand_logits, *, reference, candidate, prompt_len, how,
+            tolerance) -> CheckResult:
     a, b = cand_logits.double(), ref_logits.double()
     diff = a - b
     rel = float(diff.norm() / b.norm().clamp_min(1e-30))
@@ -290,7 +293,8 @@ def run_check(out: Path, out_config: dict, dst: Path, dst_config: dict, candidat
     return result
 
 
-def _layerwise_check(out, out_config, dst, dst_config, candidate: Candidate, tolerance, device, ids, how) -> CheckResult:
+def _layerwise_check(out, out_config, dst, dst_config, candidate: Candidate, tolerance, device, ids,
+                     how) -> CheckResult:
     from .layerwise import head_bytes_equal, layerwise_outputs, reference_layers
 
     ref = reference_layers(out, out_config, device)

@@ -40,11 +40,11 @@ import torch
 
 from .. import __version__, hf_remote
 from ..errors import InputError
+from ..format import MANIFEST, REMOTE_CODE, json_bytes, manifest
 from ..io import TensorSpec, copy_file_hashed
 from ..io.safetensors_format import to_torch_dtype
 from ..io.writer import INDEX_NAME
 from ..source_checkpoint import natural_key
-from ..format import MANIFEST, REMOTE_CODE, json_bytes, manifest
 from .source import GQLACheckpoint, write_planned
 
 FOLDED_ARCHITECTURE = "GQLAFoldedGQAForCausalLM"

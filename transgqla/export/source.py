@@ -59,17 +59,21 @@ def open_gqla(folder: Path) -> GQLACheckpoint:
     try:
         config = json.loads((folder / "config.json").read_text())
     except FileNotFoundError:
-        raise InputError(f"{folder} has no config.json; is it a GQLA checkpoint written by transgqla convert?") from None
+        raise InputError(f"{folder} has no config.json; is it a GQLA checkpoint written by transgqla "
+                         "convert?") from None
     except (OSError, ValueError) as exc:
         raise InputError(f"{folder}/config.json cannot be read: {exc}".splitlines()[0]) from None
     gq = config.get("gqla") if isinstance(config, dict) else None
     if not isinstance(config, dict) or config.get("model_type") != MODEL_TYPE or not isinstance(gq, dict):
         kind = config.get("model_type") if isinstance(config, dict) else None
-        raise InputError(f"{folder} is not a GQLA checkpoint (model_type {kind!r}); export reads the output of transgqla convert")
+        raise InputError(f"{folder} is not a GQLA checkpoint (model_type {kind!r}); export reads the output of "
+                         "transgqla convert")
     if gq.get("format_version") != FORMAT_VERSION:
-        raise InputError(f"{folder} has GQLA format_version {gq.get('format_version')!r}; this transgqla reads version {FORMAT_VERSION}")
+        raise InputError(f"{folder} has GQLA format_version {gq.get('format_version')!r}; this transgqla reads "
+                         f"version {FORMAT_VERSION}")
     if (gq.get("export") or {}).get("folded"):
-        raise InputError(f"{folder} is a --fold-kv export (no latent left); export from the GQLA checkpoint it came from")
+        raise InputError(f"{folder} is a --fold-kv export (no latent left); export from the GQLA checkpoint it "
+                         "came from")
     if config.get("q_lora_rank"):
         raise InputError(f"{folder} has a factorized query (q_lora_rank); export supports q_proj checkpoints only")
     try:
@@ -78,7 +82,8 @@ def open_gqla(folder: Path) -> GQLACheckpoint:
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"{folder}/config.json lacks a GQLA geometry field: {exc}") from None
     if geo.n_heads % geo.n_groups:
-        raise InputError(f"{folder}: num_attention_heads {geo.n_heads} is not a multiple of num_key_value_heads {geo.n_groups}")
+        raise InputError(f"{folder}: num_attention_heads {geo.n_heads} is not a multiple of num_key_value_heads "
+                         f"{geo.n_groups}")
     ckpt = SafetensorsCheckpoint(folder)
     try:
         for layer in range(geo.n_layers):
@@ -88,8 +93,9 @@ def open_gqla(folder: Path) -> GQLACheckpoint:
                     if rel in required:
                         raise InputError(f"{folder} lacks tensor {name}")
                     continue
-                if ckpt.spec(name).shape != shape:
-                    raise InputError(f"{folder}: {name} has shape {list(ckpt.spec(name).shape)}, the config implies {list(shape)}")
+                got = ckpt.spec(name).shape
+                if got != shape:
+                    raise InputError(f"{folder}: {name} has shape {list(got)}, the config implies {list(shape)}")
         dtype = ckpt.spec(ATTN.format(0) + "q_proj.weight").dtype
         if dtype not in FLOAT_DTYPES:
             raise InputError(f"{folder}: attention weights are {dtype}; export needs float weights")

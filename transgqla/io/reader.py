@@ -299,7 +299,8 @@ class SafetensorsCheckpoint:
         reads the same shapes over and over reuses one buffer instead of fresh pages every time)."""
         nbytes = self._entry(name)[1].spec.nbytes
         if offset < 0 or offset + memoryview(buf).nbytes > nbytes:
-            raise ValueError(f"bytes [{offset}, {offset + memoryview(buf).nbytes}) are outside {name!r} ({nbytes} bytes)")
+            end = offset + memoryview(buf).nbytes
+            raise ValueError(f"bytes [{offset}, {end}) are outside {name!r} ({nbytes} bytes)")
         self._read_into(name, buf, offset)
 
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:

@@ -231,7 +231,8 @@ class ShardedWriter:
             self._emit(raw)
         if total != spec.nbytes:
             self._closed = True
-            raise ValueError(f"tensor {name!r}: got {'more than ' if total > spec.nbytes else ''}{total} bytes, planned {spec.nbytes}")
+            more = "more than " if total > spec.nbytes else ""
+            raise ValueError(f"tensor {name!r}: got {more}{total} bytes, planned {spec.nbytes}")
         self._advance(shard)
 
     def close(self) -> dict[str, str]:

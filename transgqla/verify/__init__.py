@@ -24,10 +24,19 @@ from typing import Iterable
 from .. import devices
 from ..errors import InputError
 from ..model.decoder import GQLADecoder
+from ..text.pipeline import builtin_eval_text, encode, find_tokenizer, fixed_ids, read_text_flag, token_windows
 from .decode import check_decode
 from .engines import deepseek_export
-from .fidelity import FIXED_SEQLEN, FIXED_WINDOWS, FidelityBounds, find_source, fidelity_checks, measure, no_source_checks, open_source
-from ..text.pipeline import builtin_eval_text, encode, find_tokenizer, fixed_ids, read_text_flag, token_windows
+from .fidelity import (
+    FIXED_SEQLEN,
+    FIXED_WINDOWS,
+    FidelityBounds,
+    fidelity_checks,
+    find_source,
+    measure,
+    no_source_checks,
+    open_source,
+)
 from .inputs import resolve_dtype, windows
 from .layerwise import LayerwiseModel
 from .paths import check_paths
@@ -48,7 +57,8 @@ def _sections(checks: Iterable[str] | None) -> list[str]:
     wanted = [c.strip() for c in checks if c.strip()]
     bad = [c for c in wanted if c not in SECTIONS]
     if bad or not wanted:
-        raise InputError(f"--checks takes a comma-separated subset of {','.join(SECTIONS)}; got {','.join(bad) or 'nothing'}")
+        raise InputError(f"--checks takes a comma-separated subset of {','.join(SECTIONS)}; "
+                         f"got {','.join(bad) or 'nothing'}")
     return [s for s in SECTIONS if s in wanted]
 
 

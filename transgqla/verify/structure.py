@@ -177,7 +177,8 @@ def manifest_check(out: Path) -> Check:
         return Check(name, False, None, None, f"{MANIFEST} is not valid JSON: {exc}".splitlines()[0])
     files = doc.get("files") if isinstance(doc, dict) else None
     if not isinstance(files, dict) or doc.get("format_version") != FORMAT_VERSION:
-        return Check(name, False, None, None, f"{MANIFEST} must hold format_version {FORMAT_VERSION} and a files object")
+        why = f"{MANIFEST} must hold format_version {FORMAT_VERSION} and a files object"
+        return Check(name, False, None, None, why)
     present = _present_files(out) - {MANIFEST}
     changed, missing = [], []
     for rel, digest in sorted(files.items()):
@@ -240,7 +241,8 @@ def check_structure(out: Path, full: bool = True) -> Structure:
         checks.append(_problem_check("structure.shards", idx, f"index and {n_shards} shard header(s) agree"))
         if cfg is not None and not problems:
             tp = tensor_problems(ckpt, cfg)
-            checks.append(_problem_check("structure.tensors", tp, f"{len(ckpt.names)} tensors, shapes and dtypes as the config implies"))
+            good = f"{len(ckpt.names)} tensors, shapes and dtypes as the config implies"
+            checks.append(_problem_check("structure.tensors", tp, good))
             if tp:
                 blocker = blocker or "structure.tensors"
         else:

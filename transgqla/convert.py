@@ -444,7 +444,9 @@ def _write_config(plan: ConversionPlan, folder: Path, layer_reports: list[dict[s
 def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> ConversionResult:
     """Write the planned checkpoint into a staged folder and move it to OUT when complete.
 
-    Resolution, validation and planning happened in :func:`plan_conversion`; what remains, in order:"""
+    Resolution, validation and planning happened in :func:`plan_conversion`; what remains are the numbered
+    steps below. Any failure goes through one policy (:meth:`_Job.settle`): bad input removes the staging
+    folder, a full disk or an interrupt keeps it for ``resume`` and says so in one line."""
     start = time.perf_counter()
     job = _Job(plan, progress)
     try:

@@ -54,6 +54,7 @@ from .format import (
     manifest,
 )
 from .io import SafetensorsCheckpoint, ShardedWriter, StagedRun, TensorSpec, copy_file_hashed, open_staged_run
+from .io.reader import COPY_BUFFER_BYTES
 from .io.safetensors_format import to_torch_dtype
 from .io.staging import JOURNAL_VERSION
 from .io.writer import plan_shards, shard_file_name, write_file_atomic
@@ -72,7 +73,6 @@ MATH_THREADS_ENV = "TRANSGQLA_MATH_THREADS"
 LAYER_WORKERS_ENV = "TRANSGQLA_LAYER_WORKERS"
 DEFAULT_MATH_THREADS = 1
 LAYERS_AHEAD = 1  # finished layers per worker that may wait for the writer (plus one being computed)
-COPY_BUFFER_BYTES = 64 * 1024**2  # copied tensors stream through this (embeddings can be GBs)
 DATA_FREE_WORKERS = 2  # data-free layers are independent: two at a time (benchmarks/README.md)
 KILL_ENV = "TRANSGQLA_TEST_KILL"
 KILL_SIGNAL_ENV = "TRANSGQLA_TEST_KILL_SIGNAL"

@@ -13,11 +13,11 @@ import torch
 from ..errors import InputError
 from ..format import COPIED_FILES, FLOAT_DTYPES, FORMAT_VERSION, MANIFEST, MODEL_TYPE, attention_tensors
 from ..io import SafetensorsCheckpoint, ShardedWriter, TensorSpec
+from ..io.reader import COPY_BUFFER_BYTES
 from ..io.safetensors_format import to_torch_dtype
 from ..model.geometry import GQLAGeometry
 
 ATTN = "model.layers.{}.self_attn."
-COPY_BUFFER_BYTES = 64 * 1024**2
 
 
 @dataclass

@@ -33,6 +33,8 @@ from transgqla.io.safetensors_format import (
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+#: The buffer a whole-tensor copy streams through (:meth:`SafetensorsCheckpoint.iter_bytes`): embeddings can be GBs.
+COPY_BUFFER_BYTES = 64 * 1024**2
 _PICKLE_GLOBS = ("pytorch_model*.bin", "*.pt", "*.pth")
 
 __all__ = ["SafetensorsCheckpoint", "TensorSpec"]

@@ -30,7 +30,7 @@ import torch
 from ..errors import UnsupportedError
 from ..io import SafetensorsCheckpoint
 from ..io.safetensors_format import to_torch_dtype
-from ..model.decoder import Decoder, rms_norm
+from ..model.decoder import Decoder
 
 HEAD_CHUNK_BYTES = 64 << 20  # default vocabulary chunk of the head, in compute-dtype bytes
 
@@ -50,13 +50,14 @@ class LayerwiseModel:
         self.ckpt, self.config, self.cls = ckpt, config, decoder_cls
         self.dtype, self.device = dtype, device
         self.resident_bytes = resident_bytes
-        self.geo = self._decoder({}).geo
+        self.shape = self._decoder({})  # an empty decoder: the geometry and the block's conventions
+        self.geo, self.spec = self.shape.geo, self.shape.spec
         self.by_layer: dict[int, list[str]] = defaultdict(list)
         for name in ckpt.names:
             parts = name.split(".")
             if len(parts) > 3 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
                 self.by_layer[int(parts[2])].append(name)
-        self.head_name = "lm_head.weight" if "lm_head.weight" in ckpt else "model.embed_tokens.weight"
+        self.head_name = self.spec.head if self.spec.head in ckpt else self.spec.embed
         self._resident: dict[int, Decoder] = {}
         self._resident_used = 0
         self._norm: torch.Tensor | None = None
@@ -132,13 +133,17 @@ class LayerwiseModel:
         uniq, inverse = torch.unique(ids.detach().cpu(), return_inverse=True)
         rows = torch.empty(len(uniq), self.geo.hidden, device=self.device, dtype=self.dtype)
         for j, u in enumerate(uniq.tolist()):
-            rows[j] = self._load("model.embed_tokens.weight", (u, u + 1))[0]
-        return rows[inverse.to(self.device)]
+            rows[j] = self._load(self.spec.embed, (u, u + 1))[0]
+        return self.shape.scale_embeddings(rows[inverse.to(self.device)])
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         if self._norm is None:
-            self._norm = self._load("model.norm.weight")
-        return rms_norm(h, self._norm, self.geo.eps)
+            self._norm = self._load(self.spec.final_norm)
+        return self.shape.norm(h, self._norm)
+
+    def cap_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The family's final logit soft-cap (elementwise, so it applies chunk by chunk)."""
+        return self.shape.cap_logits(logits)
 
     @property
     def vocab(self) -> int:
@@ -159,4 +164,4 @@ class LayerwiseModel:
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Logits ``[..., V]`` of hidden states ``h[..., D]`` (meant for few rows: decode steps)."""
         x = self.final_norm(h)
-        return torch.cat([torch.nn.functional.linear(x, w) for _, w in self.head_chunks()], dim=-1)
+        return self.cap_logits(torch.cat([torch.nn.functional.linear(x, w) for _, w in self.head_chunks()], dim=-1))

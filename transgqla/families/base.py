@@ -105,6 +105,26 @@ class Block:
             out.update({pre + n: s for n, s in self.mlp.weights(intermediate, hidden).items()})
         return out
 
+    def beyond_llama(self) -> list[str]:
+        """What this block has that a Llama-shaped stock target (DeepSeek-V3's dense block, MiMo-V2's)
+        cannot carry, in words; empty for Llama, Mistral and Qwen2."""
+        found = []
+        if self.attn_softcap is not None:
+            found.append(f"attention-logit soft-capping ({self.attn_softcap:g})")
+        if self.final_softcap is not None:
+            found.append(f"final logit soft-capping ({self.final_softcap:g})")
+        if self.attn_out or self.mlp_out:
+            found.append("sandwich norms (" + ", ".join(n for n in (self.attn_out, self.mlp_out) if n) + ")")
+        if self.norm_offset:
+            found.append(f"RMSNorm weights of the form {self.norm_offset:g} + w")
+        if self.embed_scale:
+            found.append("embeddings scaled by sqrt(hidden_size)")
+        if self.mlp.kind == "moe":
+            found.append(f"a mixture of {self.mlp.n_experts} experts with softmax top-{self.mlp.top_k} routing")
+        if self.mlp.kind == "fused":
+            found.append(f"a fused {self.mlp.gate_up}")
+        return found
+
     def record(self) -> dict[str, Any]:
         """The JSON record a GQLA ``config.json`` keeps as ``gqla.family`` (the runtime reads it)."""
         rec = asdict(self)

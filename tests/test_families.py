@@ -123,3 +123,68 @@ def test_stock_exports_refuse_the_block_with_one_line(source_factory, tmp_path, 
         assert "soft-capping" in str(err.value)
     result = export(ExportRequest(out=out, dst=tmp_path / "dst-gqla", path="gqa"))  # the GQLA format carries any family
     assert result.ok
+
+
+@pytest.mark.parametrize("family", NEW)
+def test_calibrated_convert_verify_and_eval_ppl(source_factory, tmp_path, family):
+    from test_calibration import make_tokenizer, tiny_text
+
+    from transgqla.evaluate import perplexity
+    from transgqla.verify import run_verify
+
+    src, _ = _source(source_factory, family, n_kv=2)
+    make_tokenizer(src)
+    text = tmp_path / "calib.txt"
+    text.write_text(tiny_text(1500))
+    out = tmp_path / "out"
+    result = run_convert(src, out, qk_rope_dim=8, kv_lora_rank=24, calib=[str(text)], calib_tokens=512,
+                         calib_seqlen=32, refine=3)
+    assert result.plan.settings.method == "gqla" and len(result.layer_reports) == 2
+    report = run_verify(out, source=str(src), text=text, tokens=4, seqlen=32, device="cpu")
+    assert report.ok, [(c.name, c.message) for c in report.checks if not c.ok]
+    ppl_src = perplexity(str(src), [str(text)], seqlen=32, max_tokens=256)
+    ppl_out = perplexity(str(out), [str(text)], seqlen=32, max_tokens=256, path="gqa")
+    assert ppl_src.tokens == ppl_out.tokens > 0
+    assert 1.0 < ppl_src.perplexity < 1e4 and 1.0 < ppl_out.perplexity < 1e4
+    fid = report.get("fidelity.perplexity").details
+    assert fid["ppl_source"] == pytest.approx(perplexity(str(src), [str(text)], seqlen=32).perplexity, rel=1e-5)
+
+
+def _config(arch: str, **kw) -> dict:
+    return {"architectures": [arch], "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "num_hidden_layers": 2, "vocab_size": 101, "intermediate_size": 112, "rope_theta": 10000.0, **kw}
+
+
+@pytest.mark.parametrize("arch, extra, words", [
+    ("Phi3ForCausalLM", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+     "partial_rotary_factor"),
+    ("Phi3ForCausalLM", {"rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}},
+     "longrope"),
+    ("Qwen3ForCausalLM", {}, "QK-norm"),
+    ("Gemma3ForCausalLM", {}, "QK-norm"),
+    ("LlamaForCausalLM", {"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+])
+def test_what_a_family_cannot_express_is_refused_with_one_line(arch, extra, words):
+    from transgqla.source_geometry import read_geometry
+
+    with pytest.raises(UnsupportedError) as err:
+        read_geometry(_config(arch, **extra))
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_block_record_round_trips_and_names_every_weight():
+    from transgqla.families import Block, family_for
+
+    cfg = _config("MixtralForCausalLM", num_local_experts=3, num_experts_per_tok=2, sliding_window=8)
+    block = family_for(cfg).block(cfg)
+    assert Block.from_record(json.loads(json.dumps(block.record()))) == block
+    names = block.copied_weights(2, 101, 64, 112)
+    assert names["model.layers.1.block_sparse_moe.experts.2.w3.weight"] == (112, 64)
+    assert names["model.layers.0.block_sparse_moe.gate.weight"] == (3, 64)
+    assert block.layer_windows == (8, 8)
+    gemma = _config("Gemma2ForCausalLM", sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                    tie_word_embeddings=True)
+    g = family_for(gemma).block(gemma)
+    assert g.layer_windows == (4, None) and "lm_head.weight" not in g.copied_weights(2, 101, 64, 112)
+    assert g.norms() == ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                         "post_feedforward_layernorm")

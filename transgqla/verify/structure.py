@@ -17,6 +17,7 @@ import torch
 from ..convert import MANIFEST
 from ..errors import TransGQLAError
 from ..gqla_config import FORMAT_VERSION
+from ..families import gqla_block
 from ..io import SafetensorsCheckpoint, sha256_file
 from ..io.safetensors_format import to_torch_dtype
 from ..mathx.rope import rope_settings
@@ -121,17 +122,14 @@ def expected_tensors(cfg: dict[str, Any]) -> Expected:
     D, V, I = cfg["hidden_size"], cfg["vocab_size"], cfg["intermediate_size"]
     n_h, n_g, L = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["num_hidden_layers"]
     dn, dr, dv, r = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"], cfg["kv_lora_rank"]
-    req: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
+    block = gqla_block(cfg)  # every weight outside attention, named by the source family's block
+    req: dict[str, tuple[int, ...]] = block.copied_weights(L, V, D, I)
     opt: dict[str, tuple[int, ...]] = {}
-    (opt if cfg.get("tie_word_embeddings") else req)["lm_head.weight"] = (V, D)
+    if block.tie_embeddings:
+        opt[block.head] = (V, D)
     mlp_bias, attn_bias = bool(cfg.get("mlp_bias")), bool(cfg.get("attention_bias"))
     for l in range(L):
         pre, att = f"model.layers.{l}.", f"model.layers.{l}.self_attn."
-        req[pre + "input_layernorm.weight"] = (D,)
-        req[pre + "post_attention_layernorm.weight"] = (D,)
-        req[pre + "mlp.gate_proj.weight"] = (I, D)
-        req[pre + "mlp.up_proj.weight"] = (I, D)
-        req[pre + "mlp.down_proj.weight"] = (D, I)
         if mlp_bias:
             req.update({pre + "mlp.gate_proj.bias": (I,), pre + "mlp.up_proj.bias": (I,), pre + "mlp.down_proj.bias": (D,)})
         req[att + "q_proj.weight"] = (n_h * (dn + dr), D)

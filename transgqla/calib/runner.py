@@ -1,7 +1,8 @@
 """Layer-by-layer calibration pass over the source checkpoint, in bounded memory.
 
-Only the calibration hidden states ``h[n, L, D]`` (float32) and one decoder layer's tensors are held,
-both on the run's device; statistics come back on that device too (``LayerCalibration.to`` moves them
+The source is read through the one layer-by-layer runner (:class:`~transgqla.model.layerwise.LayerwiseModel`)
+and pushed through the family's reference block, as ``eval-ppl`` and verify do. Only the calibration
+hidden states ``h[n, L, D]`` (float32) and one decoder layer's tensors are held, both on the run's device; statistics come back on that device too (``LayerCalibration.to`` moves them
 to wherever the layer math runs).
 For layer ``l``: ``statistics(l)`` returns the input moment of its attention and a few sample input
 sequences; the caller converts the layer; ``advance(l, converted)`` pushes ``h`` through layer ``l``
@@ -18,9 +19,9 @@ import torch
 from ..mathx.attention_stats import source_attention_parts
 from ..mathx.moments import InputMoment
 from ..model.attention import KVCache, attention
-from ..model.decoder import SourceDecoder
+from ..model.decoder import Decoder, SourceDecoder
 from ..model.geometry import GQLAGeometry
-from ..model.lazy import CheckpointTensors
+from ..model.layerwise import LayerwiseModel
 
 
 @dataclass
@@ -45,19 +46,27 @@ class LayerCalibration:
 class LayerwiseCalibration:
     def __init__(self, checkpoint, config: dict, windows: torch.Tensor, *, sample_windows: int = 2,
                  sequential: bool = False, micro_batch: int = 4, device: str = "cpu"):
-        self.dec = SourceDecoder(config, CheckpointTensors(checkpoint, torch.float32, device))
-        self.config, self.sequential, self.micro = config, sequential, micro_batch
         self.device = torch.device(device)
+        self.model = LayerwiseModel(checkpoint, config, SourceDecoder, torch.float32, self.device)
+        self.config, self.sequential, self.micro = config, sequential, micro_batch
         self.n_samples = min(sample_windows, windows.shape[0])
         with torch.no_grad():
-            embed = checkpoint.read(self.dec.spec.embed)
-            self.h = self.dec.scale_embeddings(embed[windows].to(device=self.device, dtype=torch.float32))
-            del embed
+            self.h = self.model.embed(windows).to(torch.float32)
         self.positions = torch.arange(windows.shape[1], device=self.device)
         self.next_layer = 0
+        self._held: tuple[int, Decoder] | None = None  # the layer being calibrated, read once
         # The source attention outputs the attention-weighted statistics already computed (layer, [chunks]):
         # advance() adds them instead of running the same attention again.
         self._attention_out: tuple[int, list[torch.Tensor]] | None = None
+
+    @property
+    def dec(self) -> Decoder:
+        """The source decoder holding the layer being calibrated (``next_layer``)."""
+        if self._held is None or self._held[0] != self.next_layer:
+            if self._held is not None:
+                self.model.recycle(self._held[1])
+            self._held = (self.next_layer, self.model.layer(self.next_layer))
+        return self._held[1]
 
     @property
     def tokens(self) -> int:

@@ -26,6 +26,7 @@ FAMILY_KW = {
     # windows of 6 tokens on alternate layers, so the 17-token prompts see both kinds of layer
     "gemma2": dict(sliding_window=6, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
                    final_logit_softcapping=3.0, hidden_activation="gelu_pytorch_tanh"),
+    "granite": dict(attention_multiplier=0.11, embedding_multiplier=3.0, residual_multiplier=0.4, logits_scaling=2.5),
 }
 NEW = list(FAMILY_KW)
 COPIED = {  # a tensor per family that conversion must pass through byte for byte
@@ -33,6 +34,7 @@ COPIED = {  # a tensor per family that conversion must pass through byte for byt
     "phi3": ["model.layers.1.mlp.gate_up_proj.weight"],
     "gemma2": ["model.layers.1.pre_feedforward_layernorm.weight", "model.layers.1.post_feedforward_layernorm.weight",
                "model.layers.0.post_attention_layernorm.weight"],
+    "granite": ["model.layers.1.mlp.up_proj.weight", "model.embed_tokens.weight"],
 }
 
 

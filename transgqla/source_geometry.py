@@ -40,6 +40,8 @@ class SourceGeometry:
     def softmax_scale(self) -> float:
         """The source's softmax scale: ``query_pre_attn_scalar ** -0.5`` where the family sets one
         (Gemma2), else ``head_dim ** -0.5``; conversion folds it into the query weights."""
+        if self.block.attention_scale is not None:  # Granite states the scale itself
+            return self.block.attention_scale
         return 1.0 / math.sqrt(self.block.query_scalar or self.head_dim)
 
     @property

@@ -91,8 +91,8 @@ def check_supported(src: GQLACheckpoint, target: str = "engines", query_bias_lor
     warnings: list[str] = []
     beyond = geo.block.beyond_llama()
     if beyond:
-        raise UnsupportedError(f"the {geo.block.family} block's {beyond[0]} has no DeepSeek-V3 equivalent; "
-                               "export --format gqla instead")
+        raise UnsupportedError(f"the {geo.block.family} block has {beyond[0]}, which a DeepSeek-V3 checkpoint cannot "
+                               "express; export --format gqla instead")
     biases = nonzero_biases(src)
     if target == "engines":
         if biases:

@@ -110,8 +110,8 @@ def check_supported(src: GQLACheckpoint) -> list[str]:
     geo, cfg = src.geo, src.config
     beyond = geo.block.beyond_llama()
     if beyond:
-        raise UnsupportedError(f"the {geo.block.family} block's {beyond[0]} has no place in a dense MiMo-V2-Flash "
-                               "checkpoint; export --format gqla instead")
+        raise UnsupportedError(f"the {geo.block.family} block has {beyond[0]}, which a dense MiMo-V2-Flash checkpoint "
+                               "cannot express; export --format gqla instead")
     for name in src.ckpt.names:
         if name.endswith("self_attn.o_proj.bias"):
             if bool(src.ckpt.read(name).any()):

@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import InputError, UnsupportedError
-from . import gemma2, llama, mixtral, phi3
+from . import gemma2, granite, llama, mixtral, phi3
 from .base import Block, Family, Mlp, layer_windows
 
-FAMILIES: tuple[Family, ...] = (*llama.FAMILIES, *mixtral.FAMILIES, *phi3.FAMILIES, *gemma2.FAMILIES)
+FAMILIES: tuple[Family, ...] = (*llama.FAMILIES, *mixtral.FAMILIES, *phi3.FAMILIES, *gemma2.FAMILIES, *granite.FAMILIES)
 REGISTRY: dict[str, Family] = {arch: fam for fam in FAMILIES for arch in fam.architectures}
 BY_NAME: dict[str, Family] = {fam.name: fam for fam in FAMILIES}
 # Known architectures refused with their reason (the generic message lists what is supported).

@@ -85,6 +85,10 @@ class Block:
     attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) before the mask
     final_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
     layer_windows: tuple[int | None, ...] = ()  # per layer: sliding window (None: full attention)
+    attention_scale: float | None = None  # the softmax scale itself (Granite's attention_multiplier)
+    embed_multiplier: float | None = None  # embeddings times this (Granite)
+    residual_multiplier: float | None = None  # attention and MLP outputs times this before the residual (Granite)
+    logits_divisor: float | None = None  # logits divided by this (Granite's logits_scaling)
 
     def norms(self) -> tuple[str, ...]:
         """The per-layer norms, in the order the block applies them."""
@@ -106,7 +110,7 @@ class Block:
         return out
 
     def beyond_llama(self) -> list[str]:
-        """What this block has that a Llama-shaped stock target (DeepSeek-V3's dense block, MiMo-V2's)
+        """What this block has (phrases that follow "has") that a Llama-shaped stock target (DeepSeek-V3's dense block, MiMo-V2's)
         cannot carry, in words; empty for Llama, Mistral and Qwen2."""
         found = []
         if self.attn_softcap is not None:
@@ -123,6 +127,10 @@ class Block:
             found.append(f"a mixture of {self.mlp.n_experts} experts with softmax top-{self.mlp.top_k} routing")
         if self.mlp.kind == "fused":
             found.append(f"a fused {self.mlp.gate_up}")
+        for name, words in (("embed_multiplier", "an embedding multiplier"), ("residual_multiplier", "a residual multiplier"),
+                            ("logits_divisor", "a logits divisor")):
+            if getattr(self, name) is not None:
+                found.append(f"{words} ({getattr(self, name):g})")
         return found
 
     def record(self) -> dict[str, Any]:

@@ -85,7 +85,7 @@ class GQLAMLP(nn.Module):
             setattr(self, spec["gate"], nn.Linear(hidden, inter, bias=bias))
             setattr(self, spec["up"], nn.Linear(hidden, inter, bias=bias))
         setattr(self, spec["down"], nn.Linear(inter, hidden, bias=bias))
-        self.act_fn = ACT2FN[config.block()["activation"]]
+        self.act_fn = ACT2FN[config.gqla_block()["activation"]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_name, up_name, down_name, fused = self.names
@@ -139,7 +139,7 @@ class GQLAAttention(nn.Module):
         self.rank = config.kv_lora_rank
         self.scaling = (self.d_nope + self.d_rope) ** -0.5
         self.sliding_window = config.layer_sliding_window(layer_idx)
-        self.softcap = config.block()["attn_softcap"]  # Gemma2: scores -> cap * tanh(scores / cap)
+        self.softcap = config.gqla_block()["attn_softcap"]  # Gemma2: scores -> cap * tanh(scores / cap)
         bias = bool(config.attention_bias)
         hidden = config.hidden_size
         self.q_proj = nn.Linear(hidden, self.n_heads * (self.d_nope + self.d_rope), bias=bias)
@@ -229,8 +229,9 @@ class GQLADecoderLayer(nn.Module):
 
     def __init__(self, config: GQLAConfig, layer_idx: int):
         super().__init__()
-        spec = config.block()
+        spec = config.gqla_block()
         self.norm_names = (spec["attn_in"], spec["attn_out"], spec["mlp_in"], spec["mlp_out"])
+        self.residual_multiplier = spec["residual_multiplier"]  # Granite: branch outputs scaled before the residual
         self.self_attn = GQLAAttention(config, layer_idx)
         mlp = spec["mlp"]
         self.mlp_name = mlp["module"]
@@ -244,9 +245,10 @@ class GQLADecoderLayer(nn.Module):
 
     def forward(self, h, cos, sin, q_idx, q_end, attention_mask, cache, path):
         attn_in, attn_out, mlp_in, mlp_out = self.norm_names
-        a = self.self_attn(self._norm(attn_in, h), cos, sin, q_idx, q_end, attention_mask, cache, path)
-        h = h + self._norm(attn_out, a)
-        return h + self._norm(mlp_out, getattr(self, self.mlp_name)(self._norm(mlp_in, h)))
+        a = self._norm(attn_out, self.self_attn(self._norm(attn_in, h), cos, sin, q_idx, q_end, attention_mask, cache, path))
+        h = h + (a if self.residual_multiplier is None else a * self.residual_multiplier)
+        y = self._norm(mlp_out, getattr(self, self.mlp_name)(self._norm(mlp_in, h)))
+        return h + (y if self.residual_multiplier is None else y * self.residual_multiplier)
 
 
 class GQLAPreTrainedModel(PreTrainedModel):
@@ -271,10 +273,11 @@ class GQLAModel(GQLAPreTrainedModel):
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(GQLADecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        spec = config.block()
+        spec = config.gqla_block()
         self.norm = GQLARMSNorm(config.hidden_size, spec["eps"], spec["norm_offset"])
         # Gemma2 scales embeddings by sqrt(hidden), rounded to the hidden dtype (as transformers does).
         self.embed_scale = config.hidden_size**0.5 if spec["embed_scale"] else None
+        self.embed_multiplier = spec["embed_multiplier"]  # Granite: every input embedding times this
         self._inv_freq = None  # float64 RoPE frequencies, computed on first use (not a buffer: nothing to load)
         self.post_init()
 
@@ -316,6 +319,8 @@ class GQLAModel(GQLAPreTrainedModel):
                 h = h * torch.tensor(self.embed_scale, dtype=h.dtype, device=h.device)
         else:
             h = inputs_embeds
+        if self.embed_multiplier is not None:
+            h = h * self.embed_multiplier
         b, t = h.shape[:2]
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if isinstance(cache, (tuple, list)):  # legacy ((keys, values), ...) format
@@ -483,7 +488,10 @@ class GQLAForCausalLM(GQLAPreTrainedModel, GenerationMixin):
         else:
             h = h[:, logits_to_keep]
         logits = self.lm_head(h)
-        cap = self.config.block()["final_softcap"]
+        spec = self.config.gqla_block()
+        if spec["logits_divisor"] is not None:  # Granite's logits_scaling
+            logits = logits / spec["logits_divisor"]
+        cap = spec["final_softcap"]
         if cap is not None:  # Gemma2's final logit soft-cap
             logits = torch.tanh(logits / cap) * cap
         loss = None

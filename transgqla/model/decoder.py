@@ -96,7 +96,8 @@ class Decoder:
 
     def attention_residual(self, i: int, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """``h`` plus the attention output ``a`` (through the sandwich norm where the block has one)."""
-        return h + (self.norm(a, self._norm_of(i, self.spec.attn_out)) if self.spec.attn_out else a)
+        a = self.norm(a, self._norm_of(i, self.spec.attn_out)) if self.spec.attn_out else a
+        return h + (a if self.spec.residual_multiplier is None else a * self.spec.residual_multiplier)
 
     def block(self, i: int, h: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One decoder layer: normed attention and normed MLP, both residual."""
@@ -107,11 +108,13 @@ class Decoder:
         """``h + MLP(norm(h))`` of layer ``i`` (the MLP output normed where the block says)."""
         x = self.norm(h, self._norm_of(i, self.spec.mlp_in))
         y = mlp(x, self._under(i, self.spec.mlp.module + "."), self.spec, self.act)
-        return h + (self.norm(y, self._norm_of(i, self.spec.mlp_out)) if self.spec.mlp_out else y)
+        y = self.norm(y, self._norm_of(i, self.spec.mlp_out)) if self.spec.mlp_out else y
+        return h + (y if self.spec.residual_multiplier is None else y * self.spec.residual_multiplier)
 
     def scale_embeddings(self, rows: torch.Tensor) -> torch.Tensor:
         scale = embed_scale(self.spec, self.geo.hidden, rows.dtype)
-        return rows if scale is None else rows * scale.to(rows.device)
+        rows = rows if scale is None else rows * scale.to(rows.device)
+        return rows if self.spec.embed_multiplier is None else rows * self.spec.embed_multiplier
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.scale_embeddings(self.t[self.spec.embed][input_ids.to(self.device)])
@@ -120,6 +123,8 @@ class Decoder:
         return self.norm(h, self.t[self.spec.final_norm])
 
     def cap_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.spec.logits_divisor is not None:
+            logits = logits / self.spec.logits_divisor
         return softcap(logits, self.spec.final_softcap)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

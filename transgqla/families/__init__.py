@@ -3,7 +3,8 @@
 A family (``base.Family``) owns its whole decoder block: every weight name and convention as data
 (``base.Block``), quirks as hooks. Adding a family is one module here that defines a row (and, when its
 block has a part no existing family has, that part in the reference decoder and the runtime), not an
-``if`` elsewhere. Refused with their reason: per-head QK-norm (Qwen3, Gemma3) and architectures not
+``if`` elsewhere. Registered: Llama, Mistral, Qwen2 (``llama.py``), Mixtral, Phi-3, Gemma2, Granite.
+Refused with their reason: per-head QK-norm (Qwen3, Gemma3) and architectures not
 listed.
 """
 
@@ -39,10 +40,9 @@ def family_for(config: dict[str, Any]) -> Family:
         raise InputError(f"config.json must name exactly one architecture, found {archs!r}")
     fam = REGISTRY.get(archs[0])
     if fam is None:
-        if archs[0] in REFUSED:
-            raise UnsupportedError(f"architecture {archs[0]} is not supported: {REFUSED[archs[0]]}")
+        why = f" ({REFUSED[archs[0]]})" if archs[0] in REFUSED else ""
         raise UnsupportedError(
-            f"architecture {archs[0]} is not supported; supported are {', '.join(supported_architectures())}"
+            f"architecture {archs[0]} is not supported{why}; supported are {', '.join(supported_architectures())}"
         )
     return fam
 

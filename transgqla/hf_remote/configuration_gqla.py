@@ -3,7 +3,9 @@
 This file travels inside converted checkpoints (``auto_map`` in ``config.json``); it imports only
 torch and transformers. Works with transformers 4.45+ and 5.x.
 
-A GQLA checkpoint is a Llama-style decoder whose attention caches a latent ``c`` (``kv_lora_rank``
+A GQLA checkpoint is its source's decoder (the block recorded in ``gqla["family"]``: norm names and
+convention, dense / fused / mixture-of-experts MLP, embedding and logit scales, soft-caps, per-layer
+sliding windows; see :meth:`GQLAConfig.gqla_block`) whose attention caches a latent ``c`` (``kv_lora_rank``
 values) plus one RoPE key (``qk_rope_head_dim`` values) per token, and expands them with one
 up-projection per KV group (``num_key_value_heads`` groups). Two decoding paths run on the same
 weights:

@@ -21,6 +21,11 @@ Per layer the KV cache holds (in a stock ``DynamicCache``, as its key/value tens
 ``model.kv_cache_values_per_token()`` gives the values one token costs (all layers);
 ``GQLAForCausalLM.cache_numel(cache)`` counts the values a cache actually holds.
 
+Every block is built from the checkpoint's ``gqla["family"]`` record (``GQLAConfig.gqla_block``), with
+module names equal to its tensor names: Llama/Mistral/Qwen2/Granite (``mlp.gate_proj``...), Mixtral
+(``block_sparse_moe.gate`` + ``experts.{e}.w1/w2/w3``, top-k softmax routing), Phi-3 (``mlp.gate_up_proj``),
+Gemma2 (four norms per layer, ``1 + w`` weights, scaled embeddings, soft-capped scores and logits).
+
 Attention is computed eagerly (grouped matmuls, float32 softmax); dynamic caches (including
 transformers 5's sliding-window layers) are supported, static/compiled caches are not.
 """

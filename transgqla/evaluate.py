@@ -67,7 +67,7 @@ def open_layerwise(folder: Path, config: dict, dtype=torch.float32, device: str 
 def layerwise_nll(model: LayerwiseModel, windows: torch.Tensor, path: str | None, micro_batch: int = 4) -> tuple[float, int]:
     """Sum of next-token NLL over ``windows[n, L]`` and the number of predicted tokens."""
     positions = model.positions(windows.shape[1])
-    h = model.embed(windows).to(torch.float32)
+    h = model.embed(windows, whole_table=True).to(torch.float32)
     for i in range(model.n_layers):
         dec = model.layer(i)
         for s in range(0, h.shape[0], micro_batch):

@@ -51,7 +51,7 @@ class LayerwiseCalibration:
         self.config, self.sequential, self.micro = config, sequential, micro_batch
         self.n_samples = min(sample_windows, windows.shape[0])
         with torch.no_grad():
-            self.h = self.model.embed(windows).to(torch.float32)
+            self.h = self.model.embed(windows, whole_table=True).to(torch.float32)
         self.positions = torch.arange(windows.shape[1], device=self.device)
         self.next_layer = 0
         self._held: tuple[int, Decoder] | None = None  # the layer being calibrated, read once

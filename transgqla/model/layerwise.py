@@ -132,13 +132,14 @@ class LayerwiseModel:
 
     # -- embedding and head ---------------------------------------------------------------------
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor, whole_table: bool = False) -> torch.Tensor:
         """``[..., D]`` embeddings of ``ids[...]`` (scaled as the family does), reading one row per
-        distinct id; when the ids cover more than an eighth of the vocabulary (calibration, perplexity)
-        the table is read once instead."""
+        distinct id. With ``whole_table`` (calibration and perplexity, whose many windows touch much of
+        the vocabulary) the table is read once instead when the ids cover more than an eighth of it;
+        verify never does that (its memory bound excludes the ``[V, D]`` matrix)."""
         uniq, inverse = torch.unique(ids.detach().cpu(), return_inverse=True)
         vocab = int(self.ckpt.spec(self.spec.embed).shape[0])
-        if len(uniq) * 8 > vocab:
+        if whole_table and len(uniq) * 8 > vocab:
             table = self._load(self.spec.embed)
             rows = table[uniq.to(self.device)]
             del table

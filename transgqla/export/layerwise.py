@@ -32,7 +32,6 @@ import torch
 
 from ..errors import UnsupportedError
 from ..io import SafetensorsCheckpoint
-from ..model.attention import KVCache
 from ..model.decoder import Decoder, GQLADecoder, rms_norm
 
 BUFFER_BYTES = 64 * 1024**2

@@ -20,7 +20,7 @@ from transgqla.text.pipeline import load_tokenizer
 from helpers import load_decoder, rel_err, run_convert
 from test_calibration import make_tokenizer, tiny_text
 
-CFG = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+CFG = {"architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
        "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8, "kv_lora_rank": 6, "head_dim": 8,
        "rope_theta": 10000.0, "rms_norm_eps": 1e-6}
 

@@ -450,7 +450,7 @@ def test_every_section_holds_at_most_one_layer(lossy, monkeypatch):
     """structure, paths, fidelity (source and GQLA) and decode read the weights layer by layer: at no
     time are two layers' tensors alive, the embedding is read by rows and the heads in chunks."""
     import transgqla.verify.decode as decode
-    import transgqla.verify.layerwise as layerwise
+    import transgqla.model.layerwise as layerwise
     import transgqla.verify.token_stats as token_stats
 
     src, out = lossy

@@ -2,8 +2,10 @@
 
 Windows are non-overlapping ``seqlen``-token slices of the tokenized text (no special tokens, a short
 tail dropped); each window is scored independently from its first token, and perplexity is
-``exp(mean NLL)`` over every predicted token (``seqlen - 1`` per window). Hidden states of all windows
-and one layer's tensors are in memory at a time, so the model size does not matter.
+``exp(mean NLL)`` over every predicted token (``seqlen - 1`` per window). The checkpoint is read
+through the one layer-by-layer runner (:class:`~transgqla.model.layerwise.LayerwiseModel`, the same
+reader and reference blocks verify uses): hidden states of all windows and one layer's tensors are in
+memory at a time, the head in vocabulary chunks, so the model size does not matter.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from .text.pipeline import load_tokenizer, read_sources, token_windows
 from .io import SafetensorsCheckpoint
 from .model.attention import PATHS
 from .model.decoder import Decoder, GQLADecoder, SourceDecoder
+from .model.layerwise import LayerwiseModel
 from .model.lazy import CheckpointTensors
 from .source_checkpoint import load_config, resolve
 from .source_geometry import read_geometry
@@ -50,23 +53,36 @@ def open_decoder(folder: Path, config: dict, dtype=torch.float32, device: str = 
     return SourceDecoder(config, tensors, dtype=dtype, device=device)
 
 
+def open_layerwise(folder: Path, config: dict, dtype=torch.float32, device: str = "cpu") -> LayerwiseModel:
+    """The layer-by-layer runner over a GQLA or a supported source checkpoint."""
+    if config.get("model_type") == "gqla":
+        cls: type[Decoder] = GQLADecoder
+    else:
+        read_geometry(config)  # refuses unsupported sources with the usual message
+        cls = SourceDecoder
+    return LayerwiseModel(SafetensorsCheckpoint(folder), config, cls, dtype, torch.device(device))
+
+
 @torch.no_grad()
-def layerwise_nll(dec: Decoder, windows: torch.Tensor, path: str | None, micro_batch: int = 4) -> tuple[float, int]:
+def layerwise_nll(model: LayerwiseModel, windows: torch.Tensor, path: str | None, micro_batch: int = 4) -> tuple[float, int]:
     """Sum of next-token NLL over ``windows[n, L]`` and the number of predicted tokens."""
-    positions = torch.arange(windows.shape[1], device=dec.device)
-    h = dec.embed(windows).to(torch.float32)
-    for i in range(dec.geo.n_layers):
+    positions = model.positions(windows.shape[1])
+    h = model.embed(windows, whole_table=True).to(torch.float32)
+    for i in range(model.n_layers):
+        dec = model.layer(i)
         for s in range(0, h.shape[0], micro_batch):
             sl = slice(s, s + micro_batch)
             h[sl] = dec.block(i, h[sl], positions, dec.new_cache(path)).float()
+        model.recycle(dec)
     total, count = 0.0, 0
     for s in range(0, h.shape[0], micro_batch):
         sl = slice(s, s + micro_batch)
-        logits = dec.logits(h[sl]).float()
+        logits = model.logits(h[sl]).float()
         targets = windows[sl, 1:].to(logits.device)
         nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
         total += float(nll)
         count += targets.numel()
+    model.release()
     return total, count
 
 
@@ -83,8 +99,7 @@ def perplexity(model: str, text: list[str], *, seqlen: int = 512, max_tokens: in
     elif path is not None:
         raise InputError("--path applies to GQLA checkpoints only")
     windows = token_windows(read_sources(text), load_tokenizer(folder), seqlen, max_tokens)
-    dec = open_decoder(folder, config, device=device)
-    total, count = layerwise_nll(dec, windows, path)
+    total, count = layerwise_nll(open_layerwise(folder, config, device=device), windows, path)
     kind = "gqla" if is_gqla else config["architectures"][0]
     return PerplexityResult(model=model, kind=kind, path=path, perplexity=math.exp(total / count), nll=total / count,
                             tokens=count, windows=windows.shape[0], seqlen=seqlen, seconds=time.perf_counter() - start)

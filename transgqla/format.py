@@ -192,6 +192,7 @@ def build_config(
         "decode_path": decode_path,
         "cache_values_per_token": cache_sizes(geo, settings),
         "source": {**source_identity, "architecture": geo.architecture, "model_type": source_config.get("model_type")},
+        "family": geo.block.record(),  # the whole decoder block the runtime and the reference decoders build
         "conversion": {"tool": "transgqla", "tool_version": __version__, **settings.to_dict(),
                        "calibration": calibration},
         "layers": layer_reports,

@@ -38,7 +38,8 @@ class DataFreeConverter:
 
     def __call__(self, layer: int) -> ConvertedAttention:
         src = _on_device(read_attention(self.ckpt, self.geo, layer, self.settings.work_dtype), self.device)
-        moment = InputMoment.data_free(self.ckpt.read(self.geo.family.norm(layer)).to(self.device))
+        gamma = self.ckpt.read(self.geo.family.norm(layer)).to(self.device) + self.geo.block.norm_offset  # 1 + w (Gemma2)
+        moment = InputMoment.data_free(gamma)
         return convert_attention(src, moment, self.settings)
 
 
@@ -61,10 +62,10 @@ class CalibratedConverter:
             **source_config,
             "qk_nope_head_dim": geo.head_dim, "qk_rope_head_dim": settings.qk_rope_head_dim,
             "v_head_dim": geo.head_dim, "kv_lora_rank": settings.kv_lora_rank,
+            "gqla": {"family": geo.block.record()},
         }
         self.device = self.math_device = torch.device(device)
         self.freqs = inv_freq(geo.head_dim, geo.rope_base, geo.rope_scaling)
-        self.window = self.runner.dec.geo.sliding_window
 
     def __call__(self, layer: int) -> ConvertedAttention:
         while self.runner.next_layer < layer:  # layers with nothing to convert still move the states
@@ -74,7 +75,7 @@ class CalibratedConverter:
         calib = self.runner.statistics(layer, attention_weighted=self.settings.method == "gqla").to(dev)
         ctx = LayerContext(
             wo=self.ckpt.read(self.geo.family.tensor(layer, "o")).to(device=dev, dtype=torch.float64),
-            freqs=self.freqs.to(dev), window=self.window, gqla_config=self.gqla_config, device=dev,
+            freqs=self.freqs.to(dev), window=self.geo.block.window(layer), gqla_config=self.gqla_config, device=dev,
         )
         conv = convert_layer(src, calib, self.layer_settings, self.settings.method, ctx,
                              search_freqfold=self.settings.freqfold_requested == "auto")

@@ -50,39 +50,41 @@ def resolve(source: str, revision: str | None) -> tuple[Path, dict[str, Any]]:
 
 
 def _expected_attention(fam: Family, geo: SourceGeometry, layer: int) -> dict[str, tuple[int, ...]]:
+    """The attention tensors of ``layer`` the family names (q/k/v or the fused qkv, o, the input norm)."""
     d, hd = geo.hidden, geo.head_dim
-    shapes = {
-        fam.tensor(layer, "q"): (geo.n_heads * hd, d),
-        fam.tensor(layer, "k"): (geo.n_groups * hd, d),
-        fam.tensor(layer, "v"): (geo.n_groups * hd, d),
-        fam.tensor(layer, "o"): (d, geo.n_heads * hd),
-    }
-    if geo.qkv_bias:
-        shapes[fam.tensor(layer, "q", "bias")] = (geo.n_heads * hd,)
-        shapes[fam.tensor(layer, "k", "bias")] = (geo.n_groups * hd,)
-        shapes[fam.tensor(layer, "v", "bias")] = (geo.n_groups * hd,)
+    rows = {"q": geo.n_heads * hd, "k": geo.n_groups * hd, "v": geo.n_groups * hd}
+    shapes: dict[str, tuple[int, ...]] = {}
+    kinds = ("weight", "bias") if geo.qkv_bias else ("weight",)
+    for kind in kinds:
+        for part, n in rows.items():  # a fused projection accumulates the three row blocks
+            name = fam.tensor(layer, part, kind)
+            prev = shapes.get(name, (0,))[0]
+            shapes[name] = (prev + n, d) if kind == "weight" else (prev + n,)
+    shapes[fam.tensor(layer, "o")] = (d, geo.n_heads * hd)
     shapes[fam.norm(layer)] = (d,)
     return shapes
 
 
+def _positive(config: dict[str, Any], key: str) -> int | None:
+    value = config.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def _expected_others(geo: SourceGeometry, config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Shapes the config implies for the copied (non-attention) tensors of the standard layout;
-    checked only where present, so that a wrong-shaped tensor is not passed through silently."""
-    d = geo.hidden
-    shapes: dict[str, tuple[int, ...]] = {"model.norm.weight": (d,)}
-    vocab = config.get("vocab_size")
-    if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0:
-        shapes["model.embed_tokens.weight"] = (vocab, d)
-        shapes["lm_head.weight"] = (vocab, d)
-    inter = config.get("intermediate_size")
-    for layer in range(geo.n_layers):
-        prefix = geo.family.layer_prefix.format(layer=layer)
-        shapes[prefix + "post_attention_layernorm.weight"] = (d,)
-        if isinstance(inter, int) and not isinstance(inter, bool) and inter > 0:
-            shapes[prefix + "mlp.gate_proj.weight"] = (inter, d)
-            shapes[prefix + "mlp.up_proj.weight"] = (inter, d)
-            shapes[prefix + "mlp.down_proj.weight"] = (d, inter)
-    return shapes
+    """Shapes the config implies for every copied (non-attention) tensor the family names; checked
+    where present, so that a wrong-shaped tensor is not passed through silently."""
+    vocab, inter = _positive(config, "vocab_size") or 0, _positive(config, "intermediate_size") or 0
+    shapes = geo.block.copied_weights(geo.n_layers, vocab, geo.hidden, inter)
+    shapes.setdefault(geo.block.head, (vocab, geo.hidden))  # a tied config may still store a head
+    return {n: s for n, s in shapes.items() if all(s)}
+
+
+def _required_others(geo: SourceGeometry, config: dict[str, Any]) -> list[str]:
+    """Copied tensors the block cannot run without: norms, MLP or experts, embedding, final norm."""
+    if _positive(config, "intermediate_size") is None:
+        return []
+    names = geo.block.copied_weights(geo.n_layers, 1, geo.hidden, 1)
+    return [n for n in names if n != geo.block.head]
 
 
 def validate_tensors(ckpt: SafetensorsCheckpoint, geo: SourceGeometry, config: dict[str, Any] | None = None) -> None:
@@ -107,6 +109,9 @@ def validate_tensors(ckpt: SafetensorsCheckpoint, geo: SourceGeometry, config: d
                 raise InputError(f"tensor {name} has shape {list(got)}, the config implies {list(shape)}")
         if not geo.qkv_bias and fam.tensor(layer, "k", "bias") in names:
             raise InputError(f"tensor {fam.tensor(layer, 'k', 'bias')} exists but the config declares no attention bias")
+    for name in (_required_others(geo, config) if config is not None else []):
+        if name not in names:
+            raise InputError(f"tensor {name} is missing from the checkpoint (the {fam.name} block names it)")
     for name, shape in (_expected_others(geo, config) if config is not None else {}).items():
         if name in names and tuple(ckpt.spec(name).shape) != shape:
             raise InputError(f"tensor {name} has shape {list(ckpt.spec(name).shape)}, the config implies {list(shape)}")
@@ -117,17 +122,24 @@ def validate_tensors(ckpt: SafetensorsCheckpoint, geo: SourceGeometry, config: d
 
 def read_attention(ckpt: SafetensorsCheckpoint, geo: SourceGeometry, layer: int,
                    dtype: torch.dtype = torch.float64) -> SourceAttention:
-    """One layer's q/k/v (and biases) in ``dtype``; InputError on NaN/Inf (checked as stored)."""
+    """One layer's q/k/v (and biases) in ``dtype``, a fused ``qkv_proj`` split by the family's hook;
+    InputError on NaN/Inf (checked as stored)."""
     fam = geo.family
+    cache: dict[str, torch.Tensor] = {}
 
     def get(part: str, kind: str = "weight") -> torch.Tensor | None:
         name = fam.tensor(layer, part, kind)
         if kind == "bias" and not geo.qkv_bias:
             return None
-        t = ckpt.read(name)
-        if not torch.isfinite(t).all():
-            raise InputError(f"tensor {name} holds NaN or Inf values")
-        return t.to(dtype)
+        if name not in cache:
+            t = ckpt.read(name)
+            if not torch.isfinite(t).all():
+                raise InputError(f"tensor {name} holds NaN or Inf values")
+            cache[name] = t.to(dtype)
+        t = cache[name]
+        if fam.fused_qkv:
+            return fam.split_qkv(t, geo.n_heads, geo.n_groups, geo.head_dim)["qkv".index(part)]
+        return t
 
     return SourceAttention(
         wq=get("q"), wk=get("k"), wv=get("v"),

@@ -1,4 +1,9 @@
-"""The source model's attention geometry, read from and checked against its ``config.json``."""
+"""The source model's geometry, read once from and checked against its ``config.json``.
+
+One validated reading: the attention geometry (heads, groups, head dim, RoPE), the family and its
+whole block (:class:`~transgqla.families.Block`: names and conventions). The reference decoder's
+per-layer attention geometry (:class:`~transgqla.model.source_attention.GQAGeometry`) derives from it.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import InputError, UnsupportedError
-from .families import Family, family_for
+from .families import Block, Family, family_for
 from .mathx.rope import rope_settings
 
 REQUIRED_KEYS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
@@ -25,6 +30,7 @@ class SourceGeometry:
     qkv_bias: bool
     rope_base: float
     rope_scaling: dict[str, Any] | None
+    block: Block
 
     @property
     def heads_per_group(self) -> int:
@@ -32,7 +38,11 @@ class SourceGeometry:
 
     @property
     def softmax_scale(self) -> float:
-        return 1.0 / math.sqrt(self.head_dim)
+        """The source's softmax scale: ``query_pre_attn_scalar ** -0.5`` where the family sets one
+        (Gemma2), else ``head_dim ** -0.5``; conversion folds it into the query weights."""
+        if self.block.attention_scale is not None:  # Granite states the scale itself
+            return self.block.attention_scale
+        return 1.0 / math.sqrt(self.block.query_scalar or self.head_dim)
 
     @property
     def kv_values_per_token(self) -> int:
@@ -78,9 +88,7 @@ def read_geometry(config: dict[str, Any]) -> SourceGeometry:
         head_dim = _int(config, "head_dim")
     if head_dim % 2:
         raise InputError(f"config.json: head_dim {head_dim} is odd; RoPE needs pairs of dimensions")
-    for key in ("query_pre_attn_scalar", "attn_logit_softcapping"):
-        if config.get(key) is not None:
-            raise UnsupportedError(f"config.json: '{key}' is not supported by the {family.name} converter")
+    family.refuse(config)
     try:
         base, scaling = rope_settings(config)
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
@@ -98,4 +106,5 @@ def read_geometry(config: dict[str, Any]) -> SourceGeometry:
         qkv_bias=family.has_qkv_bias(config),
         rope_base=base,
         rope_scaling=scaling,
+        block=family.block(config),
     )

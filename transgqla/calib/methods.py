@@ -72,7 +72,7 @@ def sample_attention(src: SourceAttention, calib: LayerCalibration, ctx: LayerCo
     n_g, d = src.n_groups, src.head_dim
     x = calib.samples.double()
     q, k, probs = source_attention_parts(x, src.wq.double(), src.bq, src.wk.double(), src.bk,
-                                         src.n_heads, n_g, d, ctx.freqs, ctx.window)
+                                         src.n_heads, n_g, d, ctx.freqs, ctx.window, src.softmax_scale)
     v = torch.nn.functional.linear(x, src.wv.double(), src.bv).view(x.shape[0], x.shape[1], n_g, d).transpose(1, 2)
     scale = source_scale(src)
     probe = OutputProbe(q, k, v, ctx.wo, ctx.freqs, scale, ctx.window)

@@ -217,6 +217,6 @@ def refine_layer(runner, layer: int, conv, gqla_config: dict, settings) -> "Conv
     with torch.no_grad():
         x = runner.dec.attention_input(layer, runner.h)
     source = runner.dec.layer(layer, "self_attn.")
-    tensors, report = refine_attention(conv.tensors, GQLAGeometry.from_config(gqla_config), source, runner.dec.geo,
+    tensors, report = refine_attention(conv.tensors, GQLAGeometry.from_config(gqla_config).for_layer(layer), source, runner.dec.layer_geo(layer),
                                        x, RefineSettings(steps=settings.refine, seed=settings.refine_seed + layer))
     return ConvertedAttention(tensors, {**conv.report, **report})

@@ -80,8 +80,8 @@ class FoldedGQADecoder(Decoder):
     def _geometry(self, config):
         return GQLAGeometry.from_config(config)
 
-    def _attention(self, x, p, positions, cache: KVCache, layer):
-        geo = self.geo
+    def _attention(self, x, p, positions, cache: KVCache, layer, geo=None):
+        geo = geo or self.geo  # the layer's geometry (its sliding window)
         b, t, _ = x.shape
         dq = geo.d_nope + geo.d_rope
         cos, sin = cos_sin(geo.freqs, positions, dtype=x.dtype)
@@ -98,8 +98,10 @@ class FoldedGQADecoder(Decoder):
         v = heads("v_proj", geo.n_groups, geo.d_v)
         k_all, v_all = cache.extend(layer, k, v)
         m = geo.heads_per_group
-        scores = q @ k_all.repeat_interleave(m, dim=1).transpose(2, 3)
-        probs = _softmax(scores * geo.softmax_scale, causal_mask(positions, k_all.shape[2], geo.sliding_window))
+        scores = q @ k_all.repeat_interleave(m, dim=1).transpose(2, 3) * geo.softmax_scale
+        if geo.softcap is not None:  # the family's attention-logit soft-cap (Gemma2)
+            scores = torch.tanh(scores / geo.softcap) * geo.softcap
+        probs = _softmax(scores, causal_mask(positions, k_all.shape[2], geo.sliding_window))
         out = (probs @ v_all.repeat_interleave(m, dim=1)).transpose(1, 2).reshape(b, t, geo.n_heads * geo.d_v)
         return torch.nn.functional.linear(out, p["o_proj.weight"], p.get("o_proj.bias"))
 

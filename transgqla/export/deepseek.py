@@ -89,6 +89,10 @@ def check_supported(src: GQLACheckpoint, target: str = "engines", query_bias_lor
     """Refuse what the target cannot express (one-line UnsupportedError); return warnings."""
     geo, cfg = src.geo, src.config
     warnings: list[str] = []
+    beyond = geo.block.beyond_llama()
+    if beyond:
+        raise UnsupportedError(f"the {geo.block.family} block has {beyond[0]}, which a DeepSeek-V3 checkpoint cannot "
+                               "express; export --format gqla instead")
     biases = nonzero_biases(src)
     if target == "engines":
         if biases:

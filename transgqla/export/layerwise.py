@@ -32,7 +32,6 @@ import torch
 
 from ..errors import UnsupportedError
 from ..io import SafetensorsCheckpoint
-from ..model.attention import KVCache
 from ..model.decoder import Decoder, GQLADecoder, rms_norm
 
 BUFFER_BYTES = 64 * 1024**2
@@ -58,9 +57,10 @@ def _layer_tensors(ckpt: SafetensorsCheckpoint, layer: int, dtype=torch.float32,
     return {n: ckpt.read(n).to(device=device, dtype=dtype) for n in ckpt.names if n.startswith(head)}
 
 
-def embed_rows(ckpt: SafetensorsCheckpoint, ids: torch.Tensor, device="cpu") -> torch.Tensor:
+def embed_rows(ckpt: SafetensorsCheckpoint, ids: torch.Tensor, device="cpu",
+               name: str = "model.embed_tokens.weight") -> torch.Tensor:
     """``[1, T, D]`` float32 embedding rows of ``ids[1, T]`` (the table is read, indexed and dropped)."""
-    table = ckpt.read("model.embed_tokens.weight")
+    table = ckpt.read(name)
     rows = table[ids[0]].to(device=device, dtype=torch.float32)[None]
     del table
     return rows
@@ -80,6 +80,14 @@ class GQLALayers:
         self.ckpt = SafetensorsCheckpoint(folder)
         self.config, self.cls, self.path, self.device, self.cached = config, cls, path, device, cached
         self.eps = float(config.get("rms_norm_eps", 1e-6))
+        self.shape = cls(config, {}, dtype=torch.float32, device=device)  # the family's block conventions
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[1, T, D]`` embeddings, scaled as the family does (Gemma2)."""
+        return self.shape.scale_embeddings(embed_rows(self.ckpt, ids, self.device, self.shape.spec.embed))
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.shape.norm(h, self.ckpt.read(self.shape.spec.final_norm).float().to(self.device))
 
     def block(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         dec = self.cls(self.config, _layer_tensors(self.ckpt, layer, device=self.device), dtype=torch.float32, device=self.device)
@@ -112,6 +120,12 @@ class StockLayers:
         self.family, self.device = family, device
         self.ckpt = SafetensorsCheckpoint(folder)
         self.eps = float(self.config.rms_norm_eps)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return embed_rows(self.ckpt, ids, self.device)
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return rms_norm(h, self.ckpt.read("model.norm.weight").float().to(self.device), self.eps)
 
     def _layer(self, layer: int) -> torch.nn.Module:
         with torch.device("meta"):
@@ -165,8 +179,8 @@ def head_bytes_equal(out: SafetensorsCheckpoint, dst: SafetensorsCheckpoint) -> 
 def layerwise_outputs(reference: GQLALayers, candidate, ids: torch.Tensor, n_layers: int,
                       progress: Callable[[int, float], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """Final-normed ``[T, D]`` of both sides, and the relative error after every layer."""
-    h_ref = embed_rows(reference.ckpt, ids, reference.device)
-    h_cand = embed_rows(candidate.ckpt, ids, reference.device)
+    h_ref = reference.embed(ids)
+    h_cand = candidate.embed(ids).to(reference.device)
     per_layer = []
     for layer in range(n_layers):
         h_ref = reference.block(layer, h_ref)
@@ -175,8 +189,8 @@ def layerwise_outputs(reference: GQLALayers, candidate, ids: torch.Tensor, n_lay
         per_layer.append(err)
         if progress is not None:
             progress(layer, err)
-    ref = rms_norm(h_ref, reference.ckpt.read("model.norm.weight").float().to(reference.device), reference.eps)
-    cand = rms_norm(h_cand, candidate.ckpt.read("model.norm.weight").float().to(reference.device), candidate.eps)
+    ref = reference.final_norm(h_ref)
+    cand = candidate.final_norm(h_cand).to(reference.device)
     return ref[0].cpu(), cand[0].cpu(), per_layer
 
 

@@ -108,6 +108,10 @@ def rope_scaling_consequence(cfg: dict[str, Any], d_rope: int) -> str | None:
 def check_supported(src: GQLACheckpoint) -> list[str]:
     """Refuse what MiMo-V2-Flash's attention cannot express (one-line UnsupportedError); return warnings."""
     geo, cfg = src.geo, src.config
+    beyond = geo.block.beyond_llama()
+    if beyond:
+        raise UnsupportedError(f"the {geo.block.family} block has {beyond[0]}, which a dense MiMo-V2-Flash checkpoint "
+                               "cannot express; export --format gqla instead")
     for name in src.ckpt.names:
         if name.endswith("self_attn.o_proj.bias"):
             if bool(src.ckpt.read(name).any()):

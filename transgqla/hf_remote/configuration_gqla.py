@@ -3,7 +3,9 @@
 This file travels inside converted checkpoints (``auto_map`` in ``config.json``); it imports only
 torch and transformers. Works with transformers 4.45+ and 5.x.
 
-A GQLA checkpoint is a Llama-style decoder whose attention caches a latent ``c`` (``kv_lora_rank``
+A GQLA checkpoint is its source's decoder (the block recorded in ``gqla["family"]``: norm names and
+convention, dense / fused / mixture-of-experts MLP, embedding and logit scales, soft-caps, per-layer
+sliding windows; see :meth:`GQLAConfig.gqla_block`) whose attention caches a latent ``c`` (``kv_lora_rank``
 values) plus one RoPE key (``qk_rope_head_dim`` values) per token, and expands them with one
 up-projection per KV group (``num_key_value_heads`` groups). Two decoding paths run on the same
 weights:
@@ -204,8 +206,25 @@ class GQLAConfig(PretrainedConfig):
         base, scaling = gqla_rope_settings(self)
         return gqla_inv_freq(self.qk_rope_head_dim, base, scaling)
 
+    def gqla_block(self) -> dict[str, Any]:
+        """The decoder block this checkpoint holds: ``gqla["family"]`` (written by transgqla: tensor
+        names and conventions of the source family); a Llama block for a checkpoint without one."""
+        rec = dict((self.gqla or {}).get("family") or {})
+        mlp = {"kind": "gated", "module": "mlp", "gate": "gate_proj", "up": "up_proj", "down": "down_proj",
+               "gate_up": None, "router": None, "experts": None, "n_experts": 0, "top_k": 0, **(rec.get("mlp") or {})}
+        out = {"name": "llama", "attn_in": "input_layernorm", "attn_out": None, "mlp_in": "post_attention_layernorm",
+               "mlp_out": None, "norm_offset": 0.0, "embed_scale": False, "activation": self.hidden_act,
+               "eps": self.rms_norm_eps, "attn_softcap": None, "final_softcap": None, "layer_windows": None,
+               "embed_multiplier": None, "residual_multiplier": None, "logits_divisor": None}
+        out.update({k: v for k, v in rec.items() if k != "mlp"})
+        out["mlp"] = mlp
+        return out
+
     def layer_sliding_window(self, layer_idx: int) -> int | None:
         """The sliding window of ``layer_idx`` (None: full attention)."""
+        windows = self.gqla_block()["layer_windows"]
+        if windows is not None:
+            return windows[layer_idx] if layer_idx < len(windows) else None
         if not self.sliding_window or self.use_sliding_window is False:
             return None
         types = self.layer_types

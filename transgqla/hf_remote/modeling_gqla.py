@@ -21,6 +21,11 @@ Per layer the KV cache holds (in a stock ``DynamicCache``, as its key/value tens
 ``model.kv_cache_values_per_token()`` gives the values one token costs (all layers);
 ``GQLAForCausalLM.cache_numel(cache)`` counts the values a cache actually holds.
 
+Every block is built from the checkpoint's ``gqla["family"]`` record (``GQLAConfig.gqla_block``), with
+module names equal to its tensor names: Llama/Mistral/Qwen2/Granite (``mlp.gate_proj``...), Mixtral
+(``block_sparse_moe.gate`` + ``experts.{e}.w1/w2/w3``, top-k softmax routing), Phi-3 (``mlp.gate_up_proj``),
+Gemma2 (four norms per layer, ``1 + w`` weights, scaled embeddings, soft-capped scores and logits).
+
 Attention is computed eagerly (grouped matmuls, float32 softmax); dynamic caches (including
 transformers 5's sliding-window layers) are supported, static/compiled caches are not.
 """
@@ -53,28 +58,75 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 class GQLARMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
+    """RMSNorm with the source family's weight convention: ``w`` (offset 0: normalize in float32,
+    scale in the input dtype, as Llama) or ``1 + w`` (offset 1: scale in float32, as Gemma2)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, offset: float = 0.0):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.weight = nn.Parameter(torch.zeros(hidden_size) if offset else torch.ones(hidden_size))
         self.variance_epsilon = eps
+        self.offset = float(offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        if self.offset:
+            return (xf * (self.offset + self.weight.float())).type_as(x)
         return self.weight * xf.to(x.dtype)
 
 
 class GQLAMLP(nn.Module):
-    def __init__(self, config: GQLAConfig):
+    """Gated MLP ``down(act(gate(x)) * up(x))``; module names from the block record (Mixtral's experts
+    call them ``w1``/``w3``/``w2``). With ``gate_up`` set, one fused ``[gate ; up]`` projection (Phi-3)."""
+
+    def __init__(self, config: GQLAConfig, spec: dict, intermediate: int | None = None, bias: bool | None = None):
         super().__init__()
-        bias = bool(getattr(config, "mlp_bias", False))
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
-        self.act_fn = ACT2FN[config.hidden_act]
+        bias = bool(getattr(config, "mlp_bias", False)) if bias is None else bias
+        hidden, inter = config.hidden_size, intermediate or config.intermediate_size
+        self.names = (spec["gate"], spec["up"], spec["down"], spec.get("gate_up"))
+        if spec.get("gate_up"):
+            setattr(self, spec["gate_up"], nn.Linear(hidden, 2 * inter, bias=bias))
+        else:
+            setattr(self, spec["gate"], nn.Linear(hidden, inter, bias=bias))
+            setattr(self, spec["up"], nn.Linear(hidden, inter, bias=bias))
+        setattr(self, spec["down"], nn.Linear(inter, hidden, bias=bias))
+        self.act_fn = ACT2FN[config.gqla_block()["activation"]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate_name, up_name, down_name, fused = self.names
+        if fused:
+            gate, up = getattr(self, fused)(x).chunk(2, dim=-1)
+        else:
+            gate, up = getattr(self, gate_name)(x), getattr(self, up_name)(x)
+        return getattr(self, down_name)(self.act_fn(gate) * up)
+
+
+class GQLASparseMoE(nn.Module):
+    """Mixtral's sparse mixture of experts: a router ``{router}`` over ``n_experts`` gated experts
+    ``{experts}.{e}``; softmax of the router logits in float32, the ``top_k`` largest renormalized to
+    sum to one, each token through its chosen experts (as transformers routes it)."""
+
+    def __init__(self, config: GQLAConfig, spec: dict):
+        super().__init__()
+        self.router_name, self.experts_name = spec["router"], spec["experts"]
+        self.n_experts, self.top_k = int(spec["n_experts"]), int(spec["top_k"])
+        setattr(self, self.router_name, nn.Linear(config.hidden_size, self.n_experts, bias=False))
+        expert = {**spec, "gate_up": None}
+        setattr(self, self.experts_name, nn.ModuleList(GQLAMLP(config, expert, bias=False) for _ in range(self.n_experts)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        probs = torch.softmax(getattr(self, self.router_name)(flat).float(), dim=-1)
+        top, idx = torch.topk(probs, self.top_k, dim=-1)
+        top = top / top.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(flat)
+        experts = getattr(self, self.experts_name)
+        for e in range(self.n_experts):
+            rows, slot = (idx == e).nonzero(as_tuple=True)
+            if rows.numel():
+                y = experts[e](flat[rows]) * top[rows, slot, None]
+                out.index_add_(0, rows, y.to(out.dtype))
+        return out.view_as(x)
 
 
 class GQLAAttention(nn.Module):
@@ -92,6 +144,7 @@ class GQLAAttention(nn.Module):
         self.rank = config.kv_lora_rank
         self.scaling = (self.d_nope + self.d_rope) ** -0.5
         self.sliding_window = config.layer_sliding_window(layer_idx)
+        self.softcap = config.gqla_block()["attn_softcap"]  # Gemma2: scores -> cap * tanh(scores / cap)
         bias = bool(config.attention_bias)
         hidden = config.hidden_size
         self.q_proj = nn.Linear(hidden, self.n_heads * (self.d_nope + self.d_rope), bias=bias)
@@ -126,7 +179,10 @@ class GQLAAttention(nn.Module):
         return allowed
 
     def _softmax(self, scores, allowed):
-        scores = scores.float().masked_fill(~allowed, torch.finfo(torch.float32).min)
+        scores = scores.float()
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
         return torch.softmax(scores, dim=-1)
 
     def forward(self, x, cos, sin, q_idx, q_end, attention_mask, cache, path):
@@ -172,16 +228,32 @@ class GQLAAttention(nn.Module):
 
 
 class GQLADecoderLayer(nn.Module):
+    """One decoder block as the checkpoint's ``gqla.family`` record describes it: norms named and
+    placed by the record (Gemma2's sandwich norms included), a dense, fused or mixture-of-experts MLP
+    under the record's module name, so module names equal tensor names."""
+
     def __init__(self, config: GQLAConfig, layer_idx: int):
         super().__init__()
+        spec = config.gqla_block()
+        self.norm_names = (spec["attn_in"], spec["attn_out"], spec["mlp_in"], spec["mlp_out"])
+        self.residual_multiplier = spec["residual_multiplier"]  # Granite: branch outputs scaled before the residual
         self.self_attn = GQLAAttention(config, layer_idx)
-        self.mlp = GQLAMLP(config)
-        self.input_layernorm = GQLARMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = GQLARMSNorm(config.hidden_size, config.rms_norm_eps)
+        mlp = spec["mlp"]
+        self.mlp_name = mlp["module"]
+        setattr(self, self.mlp_name, GQLASparseMoE(config, mlp) if mlp["kind"] == "moe" else GQLAMLP(config, mlp))
+        for name in self.norm_names:
+            if name:
+                setattr(self, name, GQLARMSNorm(config.hidden_size, spec["eps"], spec["norm_offset"]))
+
+    def _norm(self, name, x):
+        return x if not name else getattr(self, name)(x)
 
     def forward(self, h, cos, sin, q_idx, q_end, attention_mask, cache, path):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, q_idx, q_end, attention_mask, cache, path)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        attn_in, attn_out, mlp_in, mlp_out = self.norm_names
+        a = self._norm(attn_out, self.self_attn(self._norm(attn_in, h), cos, sin, q_idx, q_end, attention_mask, cache, path))
+        h = h + (a if self.residual_multiplier is None else a * self.residual_multiplier)
+        y = self._norm(mlp_out, getattr(self, self.mlp_name)(self._norm(mlp_in, h)))
+        return h + (y if self.residual_multiplier is None else y * self.residual_multiplier)
 
 
 class GQLAPreTrainedModel(PreTrainedModel):
@@ -206,7 +278,11 @@ class GQLAModel(GQLAPreTrainedModel):
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(GQLADecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = GQLARMSNorm(config.hidden_size, config.rms_norm_eps)
+        spec = config.gqla_block()
+        self.norm = GQLARMSNorm(config.hidden_size, spec["eps"], spec["norm_offset"])
+        # Gemma2 scales embeddings by sqrt(hidden), rounded to the hidden dtype (as transformers does).
+        self.embed_scale = config.hidden_size**0.5 if spec["embed_scale"] else None
+        self.embed_multiplier = spec["embed_multiplier"]  # Granite: every input embedding times this
         self._inv_freq = None  # float64 RoPE frequencies, computed on first use (not a buffer: nothing to load)
         self.post_init()
 
@@ -242,7 +318,14 @@ class GQLAModel(GQLAPreTrainedModel):
         path = GQLAConfig._check_path(decode_path or self.config.decode_path)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("GQLA: pass exactly one of input_ids and inputs_embeds")
-        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if inputs_embeds is None:
+            h = self.embed_tokens(input_ids)
+            if self.embed_scale is not None:  # the ids path only, as transformers' scaled embedding
+                h = h * torch.tensor(self.embed_scale, dtype=h.dtype, device=h.device)
+        else:
+            h = inputs_embeds
+        if self.embed_multiplier is not None:
+            h = h * self.embed_multiplier
         b, t = h.shape[:2]
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if isinstance(cache, (tuple, list)):  # legacy ((keys, values), ...) format
@@ -410,6 +493,12 @@ class GQLAForCausalLM(GQLAPreTrainedModel, GenerationMixin):
         else:
             h = h[:, logits_to_keep]
         logits = self.lm_head(h)
+        spec = self.config.gqla_block()
+        if spec["logits_divisor"] is not None:  # Granite's logits_scaling
+            logits = logits / spec["logits_divisor"]
+        cap = spec["final_softcap"]
+        if cap is not None:  # Gemma2's final logit soft-cap
+            logits = torch.tanh(logits / cap) * cap
         loss = None
         if labels is not None:
             shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])

@@ -34,8 +34,9 @@ def group_output_metric(wo: torch.Tensor, n_groups: int, head_dim: int) -> torch
     return per_head.reshape(n_groups, -1, head_dim, head_dim).sum(1)
 
 
-def source_attention_parts(x, wq, bq, wk, bk, n_heads, n_groups, head_dim, freqs, window=None):
-    """Unrotated ``q[B,n_h,L,d]``, ``k[B,n_g,L,d]`` and source attention probabilities ``[B,n_h,L,L]``."""
+def source_attention_parts(x, wq, bq, wk, bk, n_heads, n_groups, head_dim, freqs, window=None, scale=None, softcap=None):
+    """Unrotated ``q[B,n_h,L,d]``, ``k[B,n_g,L,d]`` and source attention probabilities ``[B,n_h,L,L]``
+    (softmax scale ``scale``, default ``head_dim ** -0.5``; scores soft-capped by ``softcap`` if given)."""
     b, length, _ = x.shape
     q = torch.nn.functional.linear(x, wq, bq).view(b, length, n_heads, head_dim).transpose(1, 2)
     k = torch.nn.functional.linear(x, wk, bk).view(b, length, n_groups, head_dim).transpose(1, 2)
@@ -46,7 +47,10 @@ def source_attention_parts(x, wq, bq, wk, bk, n_heads, n_groups, head_dim, freqs
     mask = pos[None, :] <= pos[:, None]
     if window is not None:
         mask &= (pos[:, None] - pos[None, :]) < window
-    probs = torch.softmax((scores / head_dim**0.5).masked_fill(~mask, float("-inf")), dim=-1)
+    scores = scores * (scale if scale is not None else head_dim**-0.5)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
     return q, k, probs
 
 

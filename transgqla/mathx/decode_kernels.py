@@ -19,10 +19,14 @@ from __future__ import annotations
 import torch
 
 
-def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim of ``scores[..., s_q, T]`` where ``mask[s_q, T]`` allows."""
+def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor, softcap: float | None = None) -> torch.Tensor:
+    """Softmax over the last dim of ``scores[..., s_q, T]`` where ``mask[s_q, T]`` allows; with
+    ``softcap`` the scores become ``softcap * tanh(scores / softcap)`` first (Gemma2)."""
     wide = torch.promote_types(scores.dtype, torch.float32)
-    scores = scores.to(wide).masked_fill(~mask, float("-inf"))
+    scores = scores.to(wide)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
     return torch.softmax(scores, dim=-1)
 
 
@@ -33,6 +37,7 @@ def absorb_attention(
     k_rope: torch.Tensor,
     mask: torch.Tensor,
     scale: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """MQA-style attention on the latent cache; returns ``o_lat[B, n_h, s_q, r]``.
 
@@ -46,13 +51,14 @@ def absorb_attention(
     scores = torch.baddbmm(
         rows_rope @ k_rope.transpose(1, 2), rows_lat, latent.transpose(1, 2)
     )  # [B, n_h*s_q, T]
-    probs = _masked_softmax(scores.view(b, n_h, s_q, -1) * scale, mask)
+    probs = _masked_softmax(scores.view(b, n_h, s_q, -1) * scale, mask, softcap)
     out = probs.to(latent.dtype).view(b, n_h * s_q, -1) @ latent
     return out.view(b, n_h, s_q, r)
 
 
 def gqa_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Grouped-query attention on per-group caches; returns ``[B, n_h, s_q, d_v]``.
 
@@ -64,6 +70,6 @@ def gqa_attention(
     m = n_h // n_g
     rows = q.reshape(b, n_g, m * s_q, d_k)
     scores = (rows @ k.transpose(2, 3)).view(b, n_g, m, s_q, -1)
-    probs = _masked_softmax(scores * scale, mask)
+    probs = _masked_softmax(scores * scale, mask, softcap)
     out = probs.to(v.dtype).view(b, n_g, m * s_q, -1) @ v
     return out.view(b, n_h, s_q, v.shape[-1])

@@ -103,7 +103,7 @@ def attention(x, p, geo: GQLAGeometry, positions, cache: KVCache, layer: int, pa
         # q~_h = W_UK_g(h)^T q_nope_h, heads viewed as [n_g, m] (no per-head copy of W_UK).
         q_lat = torch.einsum("bgmtn,gnr->bgmtr", q_nope.view(b, n_g, m, t, geo.d_nope), w_uk)
         # A nope-key bias adds q_nope . b to every score of a query: softmax-invariant, so it is skipped.
-        o_lat = absorb_attention(q_lat.reshape(b, geo.n_heads, t, geo.rank), q_rope, c_all, kr_all, mask, geo.softmax_scale)
+        o_lat = absorb_attention(q_lat.reshape(b, geo.n_heads, t, geo.rank), q_rope, c_all, kr_all, mask, geo.softmax_scale, geo.softcap)
         out = torch.einsum("bgmtr,gvr->bgmtv", o_lat.view(b, n_g, m, t, geo.rank), w_uv)
         if b_uv is not None:
             out = out + b_uv[None, :, None, None, :]
@@ -117,7 +117,7 @@ def attention(x, p, geo: GQLAGeometry, positions, cache: KVCache, layer: int, pa
         k = torch.cat((k_nope, k_rope[:, None].expand(b, n_g, t, geo.d_rope)), dim=-1)
         k_all, v_all = cache.extend(layer, k, v)
         mask = causal_mask(positions, k_all.shape[2], geo.sliding_window)
-        out = gqa_attention(torch.cat((q_nope, q_rope), dim=-1), k_all, v_all, mask, geo.softmax_scale)
+        out = gqa_attention(torch.cat((q_nope, q_rope), dim=-1), k_all, v_all, mask, geo.softmax_scale, geo.softcap)
     else:
         raise ValueError(f"unknown decode path {path!r}; choose from {PATHS}")
     out = out.transpose(1, 2).reshape(b, t, geo.n_heads * geo.d_v)

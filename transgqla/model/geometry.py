@@ -1,13 +1,14 @@
-"""GQLA layer geometry as read from a GQLA ``config.json``."""
+"""GQLA layer geometry as read from a GQLA ``config.json`` (the block comes from its ``gqla.family`` record)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
+from ..families import Block, gqla_block
 from ..mathx.rope import inv_freq, rope_settings
 
 
@@ -36,9 +37,14 @@ class GQLAGeometry:
     n_layers: int
     eps: float
     freqs: torch.Tensor  # [d_rope/2] float64, rad/token, scaling applied
-    sliding_window: int | None
+    sliding_window: int | None  # this layer's (:meth:`for_layer`); layer 0's by default
     hidden_act: str
     tie_embeddings: bool
+    block: Block = field(default_factory=lambda: Block("llama"))
+    softcap: float | None = None  # attention-logit soft-cap (Gemma2), applied to the scaled scores
+
+    def for_layer(self, layer: int) -> "GQLAGeometry":
+        return replace(self, sliding_window=self.block.window(layer))
 
     @property
     def softmax_scale(self) -> float:
@@ -52,8 +58,14 @@ class GQLAGeometry:
     def from_config(cls, cfg: dict[str, Any]) -> "GQLAGeometry":
         base, scaling = rope_settings(cfg)
         d_rope = int(cfg["qk_rope_head_dim"])
+        block = gqla_block(cfg)
+        fields = block_fields(cfg)
+        fields.update(eps=block.eps, hidden_act=block.activation, tie_embeddings=block.tie_embeddings,
+                      sliding_window=block.window(0) if block.layer_windows else fields["sliding_window"])
         return cls(
-            **block_fields(cfg),
+            **fields,
+            block=block,
+            softcap=block.attn_softcap,
             n_heads=int(cfg["num_attention_heads"]),
             n_groups=int(cfg["num_key_value_heads"]),
             d_nope=int(cfg["qk_nope_head_dim"]),

@@ -151,14 +151,14 @@ def _measure_group(src: LayerwiseModel, gq: LayerwiseModel, bs: list[torch.Tenso
         xs, a_s = [], []
         for k, b in enumerate(bs):
             xs.append(ds.attention_input(i, hs[k]))
-            a_s.append(gqa_attention(xs[k], ps, ds.geo, src.positions(b.shape[1]), KVCache("source"), i))
-            hs[k] = ds.mlp_residual(i, hs[k] + a_s[k])  # = ds.block(i, hs[k], ...)
+            a_s.append(gqa_attention(xs[k], ps, ds.layer_geo(i), src.positions(b.shape[1]), KVCache("source"), i))
+            hs[k] = ds.mlp_residual(i, ds.attention_residual(i, hs[k], a_s[k]))  # = ds.block(i, hs[k], ...)
         del ds, ps
         dg = gq.layer(i)
         pg = dg.layer(i, "self_attn.")
         for k, b in enumerate(bs):
             pos = gq.positions(b.shape[1])
-            a_g = attention(xs[k], pg, dg.geo, pos, KVCache(path), i, path)
+            a_g = attention(xs[k], pg, dg.layer_geo(i), pos, KVCache(path), i, path)
             num[i] += float((a_g.double() - a_s[k].double()).pow(2).sum())
             den[i] += float(a_s[k].double().pow(2).sum())
             hg[k] = dg.block(i, hg[k], pos, KVCache(path))

@@ -82,7 +82,7 @@ def check_paths(model: LayerwiseModel, tokenizer, tol: float | None = None, seed
         }
         row: dict[str, Any] = {"layer": i}
         for kind, x in inputs.items():
-            errs = compare_paths(x, params, geo)
+            errs = compare_paths(x, params, dec.layer_geo(i))  # this layer's window
             row[kind] = errs
             for mode, e in errs.items():
                 if not e <= worst:  # NaN propagates as the worst

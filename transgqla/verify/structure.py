@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import TransGQLAError
+from ..families import gqla_block
 from ..format import FLOAT_DTYPES, FORMAT_VERSION, MANIFEST, attention_tensors, config_problems
 from ..io import SafetensorsCheckpoint, sha256_file
 from ..io.safetensors_format import to_torch_dtype
@@ -66,18 +67,15 @@ def expected_tensors(cfg: dict[str, Any]) -> Expected:
     """Tensor names and shapes a contract-valid config implies (shapes in ``[out, in]`` order)."""
     D, V, I = cfg["hidden_size"], cfg["vocab_size"], cfg["intermediate_size"]  # noqa: E741 (the paper's names)
     L = cfg["num_hidden_layers"]
-    req: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
+    block = gqla_block(cfg)  # every weight outside attention, named by the source family's block
+    req: dict[str, tuple[int, ...]] = block.copied_weights(L, V, D, I)
     opt: dict[str, tuple[int, ...]] = {}
-    (opt if cfg.get("tie_word_embeddings") else req)["lm_head.weight"] = (V, D)
+    if block.tie_embeddings:
+        opt[block.head] = (V, D)
     mlp_bias = bool(cfg.get("mlp_bias"))
     attn_required, attn_optional = attention_tensors(cfg)
     for layer in range(L):
         pre, att = f"model.layers.{layer}.", f"model.layers.{layer}.self_attn."
-        req[pre + "input_layernorm.weight"] = (D,)
-        req[pre + "post_attention_layernorm.weight"] = (D,)
-        req[pre + "mlp.gate_proj.weight"] = (I, D)
-        req[pre + "mlp.up_proj.weight"] = (I, D)
-        req[pre + "mlp.down_proj.weight"] = (D, I)
         if mlp_bias:
             req.update({pre + "mlp.gate_proj.bias": (I,), pre + "mlp.up_proj.bias": (I,),
                         pre + "mlp.down_proj.bias": (D,)})

@@ -77,11 +77,13 @@ def token_stats(src, gq, x_src: torch.Tensor, x_gq: torch.Tensor, targets: torch
     targets = targets.to(dev)
     chunk = max(64, STATS_BYTES // (8 * max(n, 1)))
     rs, rg = _Running(n, dev), _Running(n, dev)
+    # a family's final logit soft-cap (Gemma2) is elementwise: applied chunk by chunk
+    cap_s, cap_g = (getattr(m, "cap_logits", lambda z: z) for m in (src, gq))
     weighted = torch.zeros(n, dtype=torch.float64, device=dev)  # sum_v exp(z_s - m_s) (z_s - z_g)
     for (start, ws), (start_g, wg) in zip(src.head_chunks(chunk), gq.head_chunks(chunk), strict=True):
         assert start == start_g
-        zs = torch.nn.functional.linear(x_src, ws).double()
-        zg = torch.nn.functional.linear(x_gq, wg).double()
+        zs = cap_s(torch.nn.functional.linear(x_src, ws)).double()
+        zg = cap_g(torch.nn.functional.linear(x_gq, wg)).double()
         es = rs.update(zs, start, targets)
         rg.update(zg, start, targets)
         weighted = weighted * rs.rescale + (es * (zs - zg)).sum(dim=1)

@@ -86,7 +86,8 @@ def register(app: typer.Typer) -> None:
         out_dir: Path = typer.Argument(..., metavar="OUT", help="GQLA checkpoint folder (written by transgqla convert)."),
         dst_dir: Path = typer.Argument(..., metavar="DST", help="Export folder (must be empty unless --force)."),
         path: str = typer.Option(..., "--path", help="Decode path: absorb (MLA-like latent cache) | gqa (per-group K/V cache)."),
-        fmt: str = typer.Option("gqla", "--format", help="gqla (GQLA checkpoint, remote code) | deepseek (stock DeepSeek-V3, --path absorb) | mimo (stock MiMo-V2-Flash, --path gqa)."),
+        fmt: str = typer.Option("gqla", "--format", help="gqla (GQLA checkpoint, remote code) | deepseek (stock DeepSeek-V3, --path absorb) | mimo (stock MiMo-V2-Flash, --path gqa) | gguf (one llama.cpp deepseek2 file DST.gguf, --path absorb)."),
+        outtype: str = typer.Option("auto", "--outtype", help="With --format gguf: auto (the checkpoint's dtype) | f32 | f16 | bf16 | q8_0."),
         target: str = typer.Option("engines", "--target", help="With --format deepseek: engines (vLLM/SGLang/transformers: no biases, kv_lora_rank = r, linear latent norm, rms_norm_eps 1e-6) | transformers (exact constant-coordinate pin, stock transformers only)."),
         fold_kv: bool = typer.Option(False, "--fold-kv", help="With --path gqa: fold kv_b_proj into per-group k_proj/v_proj for GQA runtimes."),
         q_lora_bias: bool = typer.Option(False, "--q-lora-bias", help="With --format deepseek --target transformers: carry a query bias (Qwen2) exactly through q_lora_rank = hidden_size + 1 instead of refusing."),
@@ -100,7 +101,7 @@ def register(app: typer.Typer) -> None:
         from transgqla.export import ExportRequest, failure_message, run_export
 
         out, err = Console(), Console(stderr=True)
-        request = ExportRequest(out_dir, dst_dir, path=path, format=fmt, fold_kv=fold_kv, target=target, query_bias_lora=q_lora_bias, check=check, force=force, device=device, tolerance=tol)
+        request = ExportRequest(out_dir, dst_dir, path=path, format=fmt, fold_kv=fold_kv, target=target, query_bias_lora=q_lora_bias, check=check, force=force, device=device, tolerance=tol, outtype=outtype)
         try:
             result = run_export(request)
         except TransGQLAError as exc:

@@ -206,7 +206,8 @@ def test_verify_reports_the_engine_kernels(eng, tmp_path):
     dst = tmp_path / "ds"
     export_json(eng("eps5"), dst, "--path", "absorb", "--format", "deepseek")
     report = run_verify(dst, device="cpu")
-    assert report.ok and report.info["sections"] == ["engines"]
+    assert report.ok and report.info["sections"] == ["export", "engines"]
+    assert report.get("export.kind").value == "deepseek_v3" and report.get("export.reference").ok  # export's own check, re-run
     assert report.get("engines.decode.Triton_MLA").value is True and report.get("engines.decode.FlashMLA").value is False
     assert report.get("engines.vllm_prefill").value is False and "--kv-lora-rank 256" in report.get("engines.advice").message
     assert report.get("engines.form").ok
@@ -215,7 +216,9 @@ def test_verify_reports_the_engine_kernels(eng, tmp_path):
     (dst / "config.json").write_text(json.dumps(cfg))
     report = run_verify(dst, device="cpu")
     assert report.get("engines.decode.FlashMLA").value is True and report.get("engines.advice").value == "none"
-    assert not report.ok and report.failed()[0].name == "engines.form"  # eps 1e-5: runtimes disagree
+    failed = {c.name for c in report.failed()}
+    assert "engines.form" in failed  # eps 1e-5: runtimes disagree
+    assert "export.reference" in failed  # and the edited DST no longer matches (or loads against) its OUT
 
 
 @pytest.mark.slow  # ~1 min on 2 busy cores (the rank-512 conversion)

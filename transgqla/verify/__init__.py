@@ -24,7 +24,7 @@ from typing import Iterable
 from ..errors import InputError
 from ..model.decoder import GQLADecoder
 from .decode import check_decode
-from .engines import deepseek_export
+from .engines import stock_export
 from .fidelity import FIXED_SEQLEN, FIXED_WINDOWS, FidelityBounds, find_source, fidelity_checks, measure, no_source_checks, open_source
 from .inputs import builtin_eval_text, encode, fixed_ids, load_tokenizer, read_text, resolve_device, resolve_dtype, text_windows, windows
 from .layerwise import LayerwiseModel
@@ -99,7 +99,7 @@ def run_verify(
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     report = VerifyReport(str(out), info={"device": str(dev), "dtype": dtype, "sections": wanted})
 
-    if deepseek_export(out, report):  # a stock DeepSeek-V3 export: which engine kernels take it (verify/engines.py)
+    if stock_export(out, report, str(dev)):  # a DeepSeek-V3 / MiMo-V2 export: export's check, engine kernels (verify/engines.py)
         return report
     st = check_structure(out, full="structure" in wanted)
     for c in st.checks:

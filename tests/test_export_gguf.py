@@ -295,3 +295,13 @@ def test_llama_cpp_on_the_demo(tmp_path_factory):
     print(f"demo gguf f32 in llama.cpp: relative logit error {err:.2e}, top-1 agreement {top1:.3f}; "
           f"export check {doc['check']['rel_logit_error']:.2e}")
     assert err < 1e-3 and top1 > 0.98
+
+
+def test_large_checkpoints_are_checked_streamed(gg, tmp_path, monkeypatch):
+    """Above the whole-model size the check reads both sides tensor by tensor (prompt logits, no greedy)."""
+    from transgqla.export import ExportRequest, gguf_export, run_export
+
+    monkeypatch.setattr(gguf_export, "FULL_CHECK_BYTES", 0)
+    result = run_export(ExportRequest(gg("eps5"), tmp_path / "s.gguf", path="absorb", format="gguf", device="cpu"))
+    assert result.ok and result.check.mode == "streamed" and result.check.tokens_reference == []
+    assert result.check.rel_error < 1e-4

@@ -170,7 +170,7 @@ class GGUFDecoder(Decoder):
 def torch_outputs(path: Path, ids: torch.Tensor, scored: torch.Tensor, n: int, device="cpu") -> tuple[list[int], torch.Tensor]:
     """(greedy tokens after ``ids``, logits ``[1, T, V]`` of ``scored``) from :class:`GGUFDecoder`."""
     dec = GGUFDecoder(path, device)
-    tokens = dec.generate(ids.to(dec.device), n)[0, ids.shape[1]:].tolist()
+    tokens = dec.generate(ids.to(dec.device), n)[0, ids.shape[1]:].tolist() if n else []
     logits = dec.forward(scored.to(dec.device), dec.new_cache())
     return tokens, logits.float().cpu()
 
@@ -207,7 +207,7 @@ def llama_cpp_outputs(path: Path, ids: torch.Tensor, scored: torch.Tensor, n: in
     """(greedy tokens after ``ids``, logits ``[1, T, V]`` of ``scored``) from llama.cpp."""
     llm = open_llama(path, n_ctx=max(64, scored.shape[1] + 8))
     try:
-        tokens = llama_greedy(llm, ids[0].tolist(), n)
+        tokens = llama_greedy(llm, ids[0].tolist(), n) if n else []
         logits = llama_logits(llm, scored[0].tolist())
     finally:
         llm.close()

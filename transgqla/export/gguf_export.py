@@ -26,7 +26,7 @@ import torch
 
 from ..errors import InputError, OutputError
 from ..io import ensure_free_space
-from .check import CheckResult, compare, prompt_ids, reference_outputs, GREEDY_TOKENS
+from .check import FULL_CHECK_BYTES, GREEDY_TOKENS, CheckResult, compare, float32_bytes, prompt_ids, reference_outputs
 from .gguf import OUTTYPES, check_supported, resolve_outtype, write_gguf
 from .gguf_check import llama_cpp_available, llama_cpp_outputs, torch_outputs
 from .gguf_vocab import read_vocab
@@ -66,22 +66,44 @@ def _estimated_bytes(src: GQLACheckpoint, outtype: str) -> int:
     return elements * (4 if outtype == "f32" else 2) + 64 * 1024**2
 
 
+def _streamed_reference(out: Path, config: dict[str, Any], ids: torch.Tensor, device: str) -> torch.Tensor:
+    """GQLADecoder logits of ``ids`` reading OUT tensor by tensor (bounded memory, no greedy tokens)."""
+    from ..io import SafetensorsCheckpoint
+    from ..model.decoder import GQLADecoder
+    from ..model.lazy import CheckpointTensors
+
+    with SafetensorsCheckpoint(out) as ckpt:
+        dec = GQLADecoder(config, CheckpointTensors(ckpt, torch.float32, device), dtype=torch.float32, device=device)
+        return dec.forward(ids.to(dec.device), dec.new_cache("absorb")).float().cpu()
+
+
 def run_check(out: Path, config: dict[str, Any], path: Path, outtype: str, tolerance: float | None,
               device: str = "cpu") -> CheckResult:
-    """The GGUF at ``path`` against GQLADecoder on OUT."""
+    """The GGUF at ``path`` against GQLADecoder on OUT: whole models with greedy tokens when OUT holds at most
+    :data:`~.check.FULL_CHECK_BYTES` of float32 weights; above that, both sides read tensor by tensor and only
+    the prompt's logits are compared (a greedy token would re-read the whole model)."""
     ids, how = prompt_ids(out, int(config["vocab_size"]))
-    ref_tokens, ref_logits = reference_outputs(out, config, ids, device)
-    scored = torch.cat((ids, torch.tensor(ref_tokens)[None]), dim=1)
-    if llama_cpp_available():
-        label = "llama.cpp (llama-cpp-python) on DST"
-        tokens, logits = llama_cpp_outputs(path, ids, scored, GREEDY_TOKENS)
+    streamed = float32_bytes(out) > FULL_CHECK_BYTES
+    use_llama = llama_cpp_available()
+    label = ("llama.cpp (llama-cpp-python) on DST" if use_llama else
+             "torch transcription of llama.cpp's deepseek2 graph on DST (float32; llama-cpp-python not installed)")
+    n = 0 if streamed else GREEDY_TOKENS
+    if streamed:
+        ref_tokens, ref_logits = [], _streamed_reference(out, config, ids, device)
     else:
-        label = "torch transcription of llama.cpp's deepseek2 graph on DST (float32; llama-cpp-python not installed)"
-        tokens, logits = torch_outputs(path, ids, scored, GREEDY_TOKENS, device)
+        ref_tokens, ref_logits = reference_outputs(out, config, ids, device)
+    scored = torch.cat((ids, torch.tensor(ref_tokens, dtype=ids.dtype)[None]), dim=1)
+    if use_llama:
+        tokens, logits = llama_cpp_outputs(path, ids, scored, n)
+    else:
+        tokens, logits = torch_outputs(path, ids, scored, n, device)
     tol = tolerance if tolerance is not None else TOLERANCES[outtype]
     result = compare(ref_tokens, ref_logits, tokens, logits, reference="GQLADecoder on OUT (absorb, float32)",
                      candidate=label, prompt_len=ids.shape[1], how=how, tolerance=tol)
-    result.tokens_required = outtype == "f32"
+    result.tokens_required = outtype == "f32" and not streamed
+    if streamed:
+        result.mode = "streamed"
+        result.notes.append("both sides read tensor by tensor: the prompt's logits compared, no greedy tokens")
     return result
 
 

@@ -305,3 +305,23 @@ def test_large_checkpoints_are_checked_streamed(gg, tmp_path, monkeypatch):
     result = run_export(ExportRequest(gg("eps5"), tmp_path / "s.gguf", path="absorb", format="gguf", device="cpu"))
     assert result.ok and result.check.mode == "streamed" and result.check.tokens_reference == []
     assert result.check.rel_error < 1e-4
+
+
+def test_pre_tokenizer_names():
+    """llama.cpp picks its split regex by name: the structure of tokenizer.json's pre_tokenizer decides it."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    from transgqla.export.gguf_vocab import LLAMA3_SPLIT, QWEN2_SPLIT, pre_tokenizer_name
+
+    def name(pre) -> str | None:
+        tok = Tokenizer(models.BPE(vocab={"a": 0}, merges=[]))
+        tok.pre_tokenizer = pre
+        return pre_tokenizer_name(json.loads(tok.to_str())["pre_tokenizer"])
+
+    plain = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    assert name(plain) == "gpt-2"
+    assert name(pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), plain])) == "smollm"
+    for regex, want in ((LLAMA3_SPLIT, "llama-bpe"), (QWEN2_SPLIT, "qwen2"), ("\\s+", None)):
+        split = pre_tokenizers.Split(Regex(regex), behavior="isolated")
+        assert name(pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])) == want
+    assert name(pre_tokenizers.Metaspace()) is None

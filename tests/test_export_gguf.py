@@ -230,8 +230,10 @@ def test_destination_rules(gg, tmp_path):
 
 
 @needs_llama
-@pytest.mark.parametrize("outtype,bound", [("f32", 1e-4), ("f16", 1e-2), ("bf16", 6e-2), ("q8_0", 6e-2)])
+@pytest.mark.parametrize("outtype,bound", [("f32", 1e-3), ("f16", 1e-2), ("bf16", 3e-2), ("q8_0", 6e-2)])
 def test_llama_cpp_runs_the_file(gg, tmp_path, outtype, bound):
+    """llama.cpp's logits (default float16 latent cache) and cached greedy tokens against the float64 reference;
+    with a float32 cache the f32 file is exact to float32 rounding and agrees with the torch transcription."""
     from transgqla.export.gguf_check import llama_greedy, llama_logits, open_llama
 
     out, dst = gg("eps5"), tmp_path / f"l-{outtype}.gguf"
@@ -246,11 +248,19 @@ def test_llama_cpp_runs_the_file(gg, tmp_path, outtype, bound):
     finally:
         llm.close()
     err = rel_err(got, want)
-    print(f"llama.cpp {outtype}: relative logit error {err:.2e} against the GQLA reference")
+    print(f"llama.cpp {outtype} (f16 latent cache): relative logit error {err:.2e} against the GQLA reference")
     assert err < bound
     if outtype == "f32":
         assert tokens == ref.generate(x[:, :8], 12, "absorb")[0, 8:].tolist()
-        assert rel_err(got, GGUFDecoder(dst).forward(x, GGUFDecoder(dst).new_cache())[0]) < 1e-4
+        llm = open_llama(dst, n_ctx=64, f32_cache=True)
+        try:
+            exact = llama_logits(llm, x[0].tolist())
+        finally:
+            llm.close()
+        dec = GGUFDecoder(dst)
+        print(f"llama.cpp f32 (f32 latent cache): {rel_err(exact, want):.2e}")
+        assert rel_err(exact, want) < 1e-5
+        assert rel_err(exact, dec.forward(x, dec.new_cache())[0]) < 1e-5
 
 
 @needs_llama

@@ -175,13 +175,15 @@ def torch_outputs(path: Path, ids: torch.Tensor, scored: torch.Tensor, n: int, d
     return tokens, logits.float().cpu()
 
 
-def open_llama(path: Path, n_ctx: int, threads: int | None = None) -> Any:
-    """A ``llama_cpp.Llama`` on ``path`` that keeps every position's logits (CPU, quiet)."""
+def open_llama(path: Path, n_ctx: int, threads: int | None = None, f32_cache: bool = False) -> Any:
+    """A ``llama_cpp.Llama`` on ``path`` that keeps every position's logits (CPU, quiet). llama.cpp caches the
+    latent in float16 by default (what users run); ``f32_cache`` keeps it in float32 (for exactness tests)."""
     import llama_cpp
 
     threads = threads or max(1, torch.get_num_threads())
+    cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_cache else {}
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True,
-                           n_threads=threads, n_threads_batch=threads, verbose=False, seed=0)
+                           n_threads=threads, n_threads_batch=threads, verbose=False, seed=0, **cache)
 
 
 def llama_logits(llm: Any, ids: list[int]) -> torch.Tensor:

@@ -45,9 +45,10 @@ DECODE_STEPS = 64
 KV_LINE = re.compile(r"llama_kv_cache: size =\s*([\d.]+) MiB.*K \((\w+)\):\s*([\d.]+) MiB, V \((\w+)\):\s*([\d.]+) MiB")
 
 
-def run(cmd: list[str]) -> None:
-    print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
-    subprocess.run(cmd, check=True)
+def transgqla(*args: str) -> None:
+    """Run the CLI with this interpreter (its venv's transgqla)."""
+    print("$ transgqla " + " ".join(args), file=sys.stderr, flush=True)
+    subprocess.run([sys.executable, "-m", "transgqla.cli.app", *args], check=True, stdout=subprocess.DEVNULL)
 
 
 def open_model(path: Path, n_ctx: int, threads: int):
@@ -131,11 +132,11 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     out = args.out or args.workdir / "demo-96-32"
     if not out.is_dir():
-        run(["transgqla", "convert", "demo:smollm2-135m", str(out), "--kv-lora-rank", "96", "--qk-rope-dim", "32", "--force"])
+        transgqla("convert", "demo:smollm2-135m", str(out), "--kv-lora-rank", "96", "--qk-rope-dim", "32", "--force")
     ggufs = {}
     for t in [t for t in args.outtypes.split(",") if t]:
         dst = args.workdir / f"conversion-{t}.gguf"
-        run(["transgqla", "export", str(out), str(dst), "--path", "absorb", "--format", "gguf", "--outtype", t, "--force", "--json"])
+        transgqla("export", str(out), str(dst), "--path", "absorb", "--format", "gguf", "--outtype", t, "--force")
         ggufs[f"conversion {t}"] = dst
     source_folder = demo.materialize_demo()
     ids = encode(load_tokenizer(out), builtin_eval_text()[0], 49152)[: args.tokens]

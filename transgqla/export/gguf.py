@@ -33,7 +33,9 @@ every norm's eps to 1e-6). The norm weight is stored in float32 (llama.cpp keeps
 **Types** (``--outtype``): ``f32``, ``f16``, ``bf16``, ``q8_0`` (the ``gguf`` package's quantizer) or
 ``auto`` (the checkpoint's dtype). 1-D tensors are F32 always. ``attn_kv_a_mqa`` stays F32 under ``f16``
 and ``q8_0``: its latent rows are scaled by ``alpha`` (about 2^-20) and would underflow float16 (and
-Q8_0's float16 block scales). Under ``q8_0`` a tensor whose rows are not a multiple of 32 is F16.
+Q8_0's float16 block scales). Under ``q8_0``, ``attn_k_b`` / ``attn_v_b`` are F16 (small: one block per head;
+and the most sensitive per byte: on the demo, Q8_0 on ``v_b`` alone moved the logits by 5.0e-2, on every MLP
+weight together by 4.1e-2) and so is a tensor whose rows are not a multiple of 32.
 
 **Metadata traps** (from llama.cpp's loader): ``attention.q_lora_rank`` is read unless the model has 26/27
 layers (written 0: a plain ``q_proj``); every layer is a dense lead block (``leading_dense_block_count =
@@ -138,6 +140,8 @@ def storage_kind(gguf_name: str, shape: tuple[int, ...], outtype: str) -> str:
     if gguf_name.endswith("attn_kv_a_mqa.weight") and outtype in ("f16", "q8_0"):
         return "F32"
     if outtype == "q8_0":
+        if gguf_name.endswith(("attn_k_b.weight", "attn_v_b.weight")):
+            return "F16"  # the most sensitive per byte and small (see the module docstring)
         return "Q8_0" if shape[-1] % 32 == 0 else "F16"
     return {"f16": "F16", "bf16": "BF16"}[outtype]
 

@@ -11,8 +11,10 @@
 
 Tolerances (relative logit error, :data:`TOLERANCES`) follow what each type does to the computation, not
 only to storage: llama.cpp's CPU matmul converts activations to the weight's type (bfloat16 keeps 8 bits,
-float16 11), and Q8_0 rounds weights to 8 bits per block of 32. Greedy tokens gate the check for ``f32``
-only (elsewhere a near-tie may flip; they are reported).
+float16 11; Q8_0 quantizes them to 8 bits per block of 32, like its weights). Measured on the demo (30
+layers, bfloat16 weights, float32 latent cache): f32 4.4e-6, f16 3.6e-3, bf16 2.2e-2, q8_0 1.1e-1 (a lossy
+format: its bound catches a wrong layout, which moves logits by ~1, not quantization). Greedy tokens gate
+the check for ``f32`` only (elsewhere a near-tie may flip; they are reported).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from .gguf_vocab import read_vocab
 from .source import GQLACheckpoint, open_gqla
 
 #: Relative logit error allowed, by output type (measured figures in the README / tests).
-TOLERANCES = {"f32": 1e-3, "f16": 2e-2, "bf16": 8e-2, "q8_0": 1.5e-1}
+TOLERANCES = {"f32": 1e-4, "f16": 1e-2, "bf16": 5e-2, "q8_0": 0.25}
 
 
 def _within(child: Path, parent: Path) -> bool:
@@ -85,7 +87,7 @@ def run_check(out: Path, config: dict[str, Any], path: Path, outtype: str, toler
     ids, how = prompt_ids(out, int(config["vocab_size"]))
     streamed = float32_bytes(out) > FULL_CHECK_BYTES
     use_llama = llama_cpp_available()
-    label = ("llama.cpp (llama-cpp-python) on DST" if use_llama else
+    label = ("llama.cpp (llama-cpp-python, float32 latent cache) on DST" if use_llama else
              "torch transcription of llama.cpp's deepseek2 graph on DST (float32; llama-cpp-python not installed)")
     n = 0 if streamed else GREEDY_TOKENS
     if streamed:
@@ -130,7 +132,7 @@ def run(req: Any) -> Any:
         staging.unlink(missing_ok=True)
         ensure_free_space(staging.parent, _estimated_bytes(src, outtype))
         details = write_gguf(src, staging, outtype, vocab, name=src.folder.name)
-        details["engine"] = "llama.cpp deepseek2"
+        details["target"] = f"llama.cpp deepseek2, {outtype}"
         src.close()
         from ..devices import resolve_device
 

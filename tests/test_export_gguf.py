@@ -172,7 +172,9 @@ def test_output_types(gg, tmp_path, outtype, bound):
 def test_bfloat16_checkpoint_without_tokenizer(gg, tmp_path):
     dst = tmp_path / "b.gguf"
     doc = export_gguf(gg("bf16"), dst)
-    assert doc["outtype"] == "bf16" and doc["check"]["rel_logit_error"] < 1e-5  # bf16 bytes copied, f32 compute
+    # bf16 bytes copied: exact under the torch transcription's float32 compute; llama.cpp computes in bfloat16
+    exact = "torch transcription" in doc["check"]["candidate"]
+    assert doc["outtype"] == "bf16" and doc["check"]["rel_logit_error"] < (1e-5 if exact else 1e-2)
     assert any("no tokenizer.json" in w for w in doc["warnings"])
     fields = gguf_fields(gguf.GGUFReader(str(dst)))
     assert fields["tokenizer.ggml.model"] == "none" and fields["deepseek2.vocab_size"] == 101

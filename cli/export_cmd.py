@@ -97,7 +97,10 @@ def register(app: typer.Typer) -> None:
         fmt: str = typer.Option(
             "gqla", "--format",
             help="gqla (GQLA checkpoint, remote code) | deepseek (stock DeepSeek-V3, --path absorb) | mimo (stock "
-                 "MiMo-V2-Flash, --path gqa)."),
+                 "MiMo-V2-Flash, --path gqa) | gguf (one llama.cpp deepseek2 file DST.gguf, --path absorb)."),
+        outtype: str = typer.Option(
+            "auto", "--outtype",
+            help="With --format gguf: auto (the checkpoint's dtype) | f32 | f16 | bf16 | q8_0."),
         target: str = typer.Option(
             "engines", "--target",
             help="With --format deepseek: engines (vLLM/SGLang/transformers: no biases, kv_lora_rank = r, linear "
@@ -131,7 +134,8 @@ def register(app: typer.Typer) -> None:
         try:
             request = ExportRequest(out_dir, dst_dir, path=path, format=fmt, fold_kv=fold_kv, target=target,
                                     query_bias_lora=q_lora_bias, check=check, force=force, device=device_name(device),
-                                    tolerance=tol, max_shard_bytes=parse_size(max_shard_size))
+                                    tolerance=tol, max_shard_bytes=parse_size(max_shard_size),
+                                    outtype=outtype)
             result = run_export(request)
         except TransGQLAError as exc:
             fail(exc, as_json)

@@ -81,6 +81,27 @@ def test_mimo_sliding_window_warns(gqla, tmp_path):
     assert doc["ok"] and any("sliding_window 64" in w for w in doc["warnings"])
 
 
+def test_verify_on_a_mimo_export_reruns_the_export_check(gqla, tmp_path):
+    """verify on a MiMo DST says what it is and runs export's own check again against the OUT it came from;
+    with OUT gone it says so instead of failing the GQLA structure checks."""
+    import shutil
+
+    from transgqla.verify import run_verify
+
+    out = tmp_path / "out"
+    shutil.copytree(gqla("llama"), out)
+    dst = tmp_path / "mimo"
+    export_json(out, dst, "--path", "gqa", "--format", "mimo")
+    report = run_verify(dst, device="cpu")
+    assert report.ok and report.info["sections"] == ["export"]
+    assert report.get("export.kind").value == "mimo_v2_flash" and "export's own check" in report.get("export.kind").message
+    ref = report.get("export.reference")
+    assert ref.ok and ref.value <= ref.threshold and "greedy tokens equal" in ref.message
+    shutil.rmtree(out)
+    report = run_verify(dst, device="cpu")
+    assert report.ok and report.get("export.reference").ok is None and "not reachable" in report.get("export.reference").message
+
+
 def test_mimo_needs_gqa_path(gqla, tmp_path):
     r = invoke("export", gqla("llama"), tmp_path / "m", "--path", "absorb", "--format", "mimo")
     assert r.exit_code == 2 and "--format mimo writes the GQA path" in one_line_error(r) and nothing_at(tmp_path / "m")

@@ -11,6 +11,8 @@ Forms (``--path`` / ``--format`` / ``--fold-kv``):
   (exact constant-coordinate form). See :mod:`.deepseek`.
 * ``gqa``, format ``mimo``: a stock MiMo-V2-Flash checkpoint carrying the GQA path (transformers, vLLM,
   SGLang, no remote code). See :mod:`.mimo`.
+* ``absorb``, format ``gguf``: one llama.cpp GGUF file (``deepseek2``, latent cache), ``--outtype``
+  f32/f16/bf16/q8_0, checked by llama.cpp itself when installed. See :mod:`.gguf` and :mod:`.gguf_export`.
 
 Every export is written into a staging folder and checked (:mod:`.check`): a byte-identical one by the
 hashes of its files against OUT's manifest, a rewritten one against the GQLA reference decoder on OUT, whole
@@ -46,7 +48,7 @@ from .check import (
 from .source import GQLACheckpoint, open_gqla
 
 PATHS = ("absorb", "gqa")
-FORMATS = ("gqla", "deepseek", "mimo")
+FORMATS = ("gqla", "deepseek", "mimo", "gguf")
 TARGETS = ("engines", "transformers")
 
 __all__ = ["ExportRequest", "ExportResult", "run_export", "export", "PATHS", "FORMATS"]
@@ -66,6 +68,7 @@ class ExportRequest:
     tolerance: float | None = None  # relative logit error allowed (default: by dtype, see check.TOLERANCES)
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
     check: str = "auto"  # rewritten exports: auto | full | layerwise (see .check)
+    outtype: str = "auto"  # gguf: auto (the checkpoint's dtype) | f32 | f16 | bf16 | q8_0
 
 
 @dataclass
@@ -107,7 +110,7 @@ def _validate(req: ExportRequest) -> None:
     if req.path not in PATHS:
         raise InputError(f"--path must be absorb or gqa, got {req.path!r}")
     if req.format not in FORMATS:
-        raise InputError(f"--format must be gqla, deepseek or mimo, got {req.format!r}")
+        raise InputError(f"--format must be gqla, deepseek, mimo or gguf, got {req.format!r}")
     if req.target not in TARGETS:
         raise InputError(f"--target must be engines or transformers, got {req.target!r}")
     if req.fold_kv and req.path != "gqa":
@@ -155,6 +158,10 @@ def run_export(req: ExportRequest) -> ExportResult:
     is left at DST); a failed check returns a result with ``ok == False`` (DST not written)."""
     start = time.perf_counter()
     _validate(req)
+    if req.format == "gguf":  # one file, not a folder: its own staging and check
+        from .gguf_export import run
+
+        return run(req)
     device = str(devices.resolve_device(req.device))  # the one --device parser
     src = open_gqla(Path(req.out))
     staged: StagedOutput | None = None

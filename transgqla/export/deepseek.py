@@ -38,7 +38,8 @@ from ..io.safetensors_format import to_torch_dtype
 from ..mathx.rope import rope_settings
 from .deepseek_layers import engines_layer, pinned_layer, query_lora
 from .gqla_paths import export_info, finish
-from .latent_norm import LATENT_NORM_EPS, input_bound, latent_bound, linear_norm, pin_norm
+from .latent_norm import (LATENT_NORM_EPS, embedding_mean_square, eps_shift, input_bound, latent_bound, linear_norm,
+                          pin_norm, rescale_pays)
 from .source import GQLACheckpoint, plan_rewritten, write_planned
 
 TARGETS = ("engines", "transformers")
@@ -101,9 +102,15 @@ def check_supported(src: GQLACheckpoint, target: str = "engines", query_bias_lor
             raise UnsupportedError("float16 cannot hold the engine form's scaled latent rows (subnormal); convert with "
                                    "--dtype bfloat16 or float32, or export --target transformers")
         if abs(geo.eps - LATENT_NORM_EPS) > 1e-12:
-            if stream_scale(geo.eps, _stream_dtypes(src)) != 1.0:
+            dtypes, m = _stream_dtypes(src), embedding_mean_square(src)
+            if stream_scale(geo.eps, dtypes, m) != 1.0 and dtypes <= {"F32", "F64"}:
                 warnings.append(f"rms_norm_eps {geo.eps:g} -> {LATENT_NORM_EPS:g} (the latent norm's eps in every runtime), "
                                 f"compensated exactly by scaling the residual stream by sqrt({LATENT_NORM_EPS:g}/{geo.eps:g})")
+            elif stream_scale(geo.eps, dtypes, m) != 1.0:
+                warnings.append(f"rms_norm_eps {geo.eps:g} -> {LATENT_NORM_EPS:g} (the latent norm's eps in every runtime), "
+                                f"compensated by scaling the residual stream by sqrt({LATENT_NORM_EPS:g}/{geo.eps:g}), re-rounded "
+                                f"to half precision: the eps change alone would move the first norm by {eps_shift(geo.eps, m):.1e} "
+                                f"(embedding mean square {m:.1e}), more than the rounding; the check's logit error includes it")
             else:
                 warnings.append(f"rms_norm_eps {geo.eps:g} -> {LATENT_NORM_EPS:g} in every norm (every runtime must give the "
                                 f"latent norm the eps transformers hard-codes); the check's logit error includes it")
@@ -249,17 +256,17 @@ def _stream_dtypes(src: GQLACheckpoint) -> set[str]:
             if n == "model.embed_tokens.weight" or n.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight"))}
 
 
-def stream_scale(eps: float, dtypes: set[str]) -> float:
+def stream_scale(eps: float, dtypes: set[str], mean_square: float | None = None) -> float:
     """``beta`` that makes every ``rms_norm_eps = 1e-6`` norm act as one with the source's ``eps`` (1: none).
 
     RMSNorm is scale-free but for its eps: ``RMSNorm(beta h; e) = w h / sqrt(mean(h^2) + e / beta^2)``. With the
     residual stream scaled by ``beta = sqrt(1e-6 / eps)`` (the embedding and every ``o_proj`` / ``down_proj``
     times ``beta``; attention and MLP inputs are normalized, so nothing else changes; ``lm_head`` reads the
-    final norm's output, unscaled) each norm sees ``eps`` again, exactly. Done when those tensors are stored
-    in float32/float64 only: rounding those three matrices to bfloat16 again costs more than the eps change (measured on the
-    demo, float32 compute: relative logit error 1.9e-2 rescaled, 2.0e-3 with the eps change alone).
+    final norm's output, unscaled) each norm sees ``eps`` again, exactly. Always done for float32/float64
+    storage; for half precision only when the eps change would move the first norm by more than re-rounding
+    those three matrices does (:func:`.latent_norm.rescale_pays`, with ``mean_square`` the embedding's).
     """
-    if not dtypes <= {"F32", "F64"} or abs(eps - LATENT_NORM_EPS) <= 1e-12:
+    if abs(eps - LATENT_NORM_EPS) <= 1e-12 or not rescale_pays(eps, dtypes, mean_square):
         return 1.0
     return math.sqrt(LATENT_NORM_EPS / eps)
 
@@ -285,7 +292,7 @@ def write_deepseek(src: GQLACheckpoint, folder: Path, max_shard_bytes: int, warn
             out.update(query_lora(src, layer, q_pins[layer], tdt))
         return {src.attn(layer, k): v.to(tdt).contiguous() for k, v in out.items()}
 
-    beta = stream_scale(geo.eps, _stream_dtypes(src)) if engines else 1.0
+    beta = stream_scale(geo.eps, _stream_dtypes(src), embedding_mean_square(src)) if engines else 1.0
     scales = {}
     if beta != 1.0:
         scales = {s.name: beta for s in specs if s.name not in computed and s.name not in aliases and

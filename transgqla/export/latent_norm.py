@@ -12,7 +12,8 @@ exact in the checkpoint dtype. ``w`` is rounded to the dtype; the residual scale
 is folded into ``kv_b_proj`` when it exceeds an eighth of the dtype's epsilon (bfloat16: ``|s - 1|`` up to
 ~2e-3 otherwise). The eps must be the one every runtime uses: transformers builds ``kv_a_layernorm`` with
 1e-6 whatever the config says, vLLM and SGLang use ``config.rms_norm_eps``, so the export writes
-``rms_norm_eps: 1e-6`` (which moves the other norms: see :func:`.deepseek.stream_scale`). float16
+``rms_norm_eps: 1e-6`` (which moves the other norms: see :func:`.deepseek.stream_scale` and
+:func:`rescale_pays`). float16
 cannot hold ``alpha W`` (subnormal): refused.
 
 **Constant coordinate** (:func:`pin_norm`, ``--target transformers``, exact to float32 rounding). One extra
@@ -69,6 +70,48 @@ def latent_bound(src: GQLACheckpoint, layer: int) -> float:
     bias = src.read64(src.attn(layer, "kv_a_proj_with_mqa.bias"))
     b = float(bias[: geo.rank].norm()) if bias is not None else 0.0
     return spectral_norm(w_c) * math.sqrt(geo.hidden) + b
+
+
+#: Unit roundoff (half the relative spacing) of each storage dtype.
+UNIT_ROUNDOFF = {"BF16": 2.0**-8, "F16": 2.0**-11, "F32": 2.0**-24, "F64": 2.0**-53}
+
+
+def embedding_mean_square(src: GQLACheckpoint) -> float:
+    """Mean of the squares of every embedding value: the mean square of the first norm's input, on average
+    over the vocabulary (the residual stream is smallest there). Streamed through a 64 MiB buffer."""
+    name = "model.embed_tokens.weight"
+    dtype = to_torch_dtype(src.ckpt.spec(name).dtype)
+    total, count = 0.0, 0
+    for piece in src.ckpt.iter_bytes(name, bytearray(64 * 1024**2)):
+        x = torch.frombuffer(piece, dtype=dtype).to(torch.float64)
+        total += float(x.pow(2).sum())
+        count += x.numel()
+    return total / max(count, 1)
+
+
+def eps_shift(eps: float, mean_square: float, new_eps: float = LATENT_NORM_EPS) -> float:
+    """Relative change of an RMSNorm's output when its eps goes from ``eps`` to ``new_eps`` on inputs of mean
+    square ``m``: ``sqrt((m + eps) / (m + new_eps)) - 1`` (about ``(eps - new_eps) / (2 m)``)."""
+    return abs(math.sqrt((mean_square + eps) / (mean_square + new_eps)) - 1.0)
+
+
+def rescale_pays(eps: float, dtypes: set[str], mean_square: float | None) -> bool:
+    """Whether to compensate ``rms_norm_eps -> 1e-6`` by scaling the residual stream (:func:`.deepseek.stream_scale`).
+
+    In float32/float64 the rescale is exact to rounding: always. In half precision it re-rounds the embedding,
+    ``o_proj`` and ``down_proj`` (a relative error up to the dtype's unit roundoff ``u`` on every weight),
+    while the eps change moves the first norm by :func:`eps_shift` of the embedding's mean square (later norms
+    see a larger residual stream and move less). Rescale when that shift exceeds ``u``. Measured (bf16
+    weights, float32 compute, relative logit error against the GQLA reference): SmolLM2 demo, mean square
+    1.8e-2, shift 2.4e-4: eps change 2.0e-3 against rescale 1.9e-2 (keep the eps change); a tiny
+    Llama-3-8B-shaped random model, mean square 4e-4, shift 1.1e-2: eps change 2.1e-2 (fails the check)
+    against rescale 6.2e-3 (rescale).
+    """
+    if dtypes <= {"F32", "F64"}:
+        return True
+    if mean_square is None:
+        return False
+    return eps_shift(eps, mean_square) > max(UNIT_ROUNDOFF.get(d, 2.0**-8) for d in dtypes)
 
 
 def input_bound(src: GQLACheckpoint, layer: int) -> float:

@@ -26,7 +26,7 @@ from ..errors import InputError
 from ..model.decoder import GQLADecoder
 from ..text.pipeline import builtin_eval_text, encode, find_tokenizer, fixed_ids, read_text_flag, token_windows
 from .decode import check_decode
-from .engines import deepseek_export
+from .engines import stock_export
 from .fidelity import (
     FIXED_SEQLEN,
     FIXED_WINDOWS,
@@ -111,7 +111,7 @@ def run_verify(
     dev, dt = devices.resolve_device(device), resolve_dtype(dtype)  # the one --device parser
     report = VerifyReport(str(out), info={"device": str(dev), "dtype": dtype, "sections": wanted})
 
-    if deepseek_export(out, report):  # a stock DeepSeek-V3 export: which engine kernels take it (verify/engines.py)
+    if stock_export(out, report, str(dev)):  # a DeepSeek-V3 / MiMo-V2 export: export's check, engine kernels (verify/engines.py)
         return report
     st = check_structure(out, full="structure" in wanted)
     for c in st.checks:

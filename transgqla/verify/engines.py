@@ -1,8 +1,9 @@
-"""``verify`` on a DeepSeek-V3 export (``export --format deepseek``): which serving kernels take its shape.
+"""``verify`` on a stock-class export (``export --format deepseek`` or ``--format mimo``).
 
-A DeepSeek export is not a GQLA checkpoint (the structure, paths and decode sections do not apply; the
-export was checked against the GQLA reference when it was written). What ``verify`` can still say without a
-GPU is whether the engines will run it, and fast: the MLA decode kernels that accept its
+Such a DST is not a GQLA checkpoint (the structure, paths, fidelity and decode sections do not apply). What
+``verify`` does instead: say what it is, run ``export``'s own reference check again against the OUT it was
+written from (recorded in ``config.json``'s ``transgqla.from``; skipped when that folder is gone), and for a
+DeepSeek export say whether the engines will run it, without a GPU: the MLA decode kernels that accept its
 ``(kv_lora_rank, qk_rope_head_dim, qk_nope_head_dim, v_head_dim)``, vLLM's prefill shape rule
 (:mod:`transgqla.engines`, the one table), and whether the config is the engine form (no biases,
 ``rms_norm_eps`` 1e-6 so the linear latent norm holds in every runtime) or the transformers-only one.
@@ -58,15 +59,63 @@ def engine_checks(cfg: dict) -> list[Check]:
     return checks
 
 
-def deepseek_export(out: Path, report: VerifyReport) -> bool:
-    """When ``out`` holds a DeepSeek-V3 export, fill ``report`` with the engines section and return True."""
+#: model_type of a stock-class export -> (carrier name, --format, export.check candidate name)
+STOCK_EXPORTS = {"deepseek_v3": ("DeepSeek-V3", "deepseek", "deepseek_candidate"),
+                 "mimo_v2_flash": ("MiMo-V2-Flash", "mimo", "mimo_candidate")}
+
+
+def reference_recheck(out: Path, cfg: dict, device: str = "cpu") -> Check:
+    """``export``'s own check, run again: DST against the GQLA reference on the OUT it was written from."""
+    from ..errors import TransGQLAError
+    from ..export import check as export_check
+    from ..export.source import open_gqla
+
+    info = cfg.get("transgqla") or {}
+    origin = Path(str(info.get("from") or ""))
+    if not info.get("from") or not origin.is_dir():
+        return Check("export.reference", None, message=f"skipped: OUT ({info.get('from') or 'not recorded'}) is not "
+                     "reachable; the export was checked against it when it was written")
+    try:
+        src = open_gqla(origin)
+    except TransGQLAError as exc:
+        return Check("export.reference", None, message=f"skipped: {exc}")
+    src.close()
+    candidate = getattr(export_check, STOCK_EXPORTS[cfg["model_type"]][2])
+    rerounded = cfg["model_type"] == "mimo_v2_flash" or info.get("target") == "engines"
+    try:
+        result = export_check.run_check(origin, src.config, out, cfg, candidate,
+                                        export_check.tolerance_for(src.dtype, rerounded), device,
+                                        tokens_required=export_check.tokens_must_match(src.dtype, rerounded))
+    except Exception as exc:  # DST no longer loads (edited or damaged): that is the finding, in one line
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return Check("export.reference", False, message=f"DST does not run against {origin}: {first}"[:300])
+    what = "hidden-state" if result.mode == "layerwise" else "logit"
+    tokens = "" if result.mode == "layerwise" else (
+        "; greedy tokens equal" if result.tokens_equal else f"; greedy tokens diverge at {result.tokens_matched}")
+    return Check("export.reference", result.ok, result.rel_error, result.tolerance,
+                 f"relative {what} error of DST against GQLADecoder on {origin} ({result.mode} check, export's own){tokens}",
+                 "<=")
+
+
+def stock_export(out: Path, report: VerifyReport, device: str = "cpu") -> bool:
+    """When ``out`` is a stock-class export (DeepSeek-V3 or MiMo-V2-Flash), say so, re-run export's check
+    against the OUT it came from when reachable, list the engine kernels (DeepSeek), and return True."""
     start = time.perf_counter()
     cfg = _config(Path(out))
-    if cfg is None or cfg.get("model_type") != "deepseek_v3":
+    kind = STOCK_EXPORTS.get(cfg.get("model_type")) if cfg is not None else None
+    if kind is None:
         return False
-    report.info["sections"] = ["engines"]
-    report.info["export"] = "deepseek_v3"
-    for check in engine_checks(cfg):
-        report.add(check)
+    name, fmt, _ = kind
+    deepseek = cfg["model_type"] == "deepseek_v3"
+    report.info["sections"] = ["export"] + (["engines"] if deepseek else [])
+    report.info["export"] = cfg["model_type"]
+    origin = (cfg.get("transgqla") or {}).get("from") or "an unrecorded OUT"
+    report.add(Check("export.kind", True, cfg["model_type"], None,
+                     f"a stock {name} export (transgqla export --format {fmt}) of {origin}, not a GQLA checkpoint: the "
+                     "structure, paths, fidelity and decode sections do not apply; export's own check does"))
+    report.add(reference_recheck(Path(out), cfg, device))
+    if deepseek:
+        for check in engine_checks(cfg):
+            report.add(check)
     report.info["seconds"] = round(time.perf_counter() - start, 3)
     return True

@@ -84,12 +84,25 @@ def _device(name: str) -> str:
     return str(resolve_device(name))
 
 
+def _rope_dim(value: str | None) -> int | str | None:
+    """``--qk-rope-dim``: an integer or 'auto' (a one-line error otherwise)."""
+    if value is None or value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        from transgqla.errors import InputError
+
+        raise InputError(f"--qk-rope-dim must be an even integer or 'auto', got {value!r}") from None
+
+
 @app.command()
 def convert(
     source: str = typer.Argument(..., help="Local model folder, Hugging Face model id, or demo:smollm2-135m."),
     out_dir: Path = typer.Argument(..., metavar="OUT", help="Output folder (must be empty unless --force)."),
     kv_lora_rank: Optional[int] = typer.Option(None, "--kv-lora-rank", help="Latent rank r (default: recipe, else ~28% cache rule)."),
-    qk_rope_dim: Optional[int] = typer.Option(None, "--qk-rope-dim", help="RoPE key dims d_R (default: recipe, else head_dim/2)."),
+    qk_rope_dim: Optional[str] = typer.Option(None, "--qk-rope-dim", help="RoPE key dims d_R (default: recipe, else head_dim/2), or 'auto': the split of the KV budget with the lowest calibration error on a few layers (needs calibration text; runs before the conversion)."),
+    kv_budget: Optional[int] = typer.Option(None, "--kv-budget", help="KV cache values per token per layer, r + d_R (absorb path); with --qk-rope-dim auto the split is searched, else r = N - d_R."),
     freqfold: Optional[str] = typer.Option(None, "--freqfold", help="Frequencies per PCA block, or 'auto'."),
     calib: list[str] = typer.Option(["auto"], "--calib", help="Calibration source (repeatable; several mix with an even token budget): a .txt/.jsonl file, builtin:calib (Python docs), builtin:prose-calib (general English, Debian's fortunes), hf:REPO[:CONFIG[:SPLIT]] (a dataset already in the local Hugging Face cache), self (text the source samples itself; one forward per token), 'none' (statistics from the weights alone), or 'auto' (the most general source available offline, said on stderr; none without tokenizer.json)."),
     calib_tokens: int = typer.Option(16384, "--calib-tokens", help="Calibration tokens to use at most."),
@@ -113,11 +126,11 @@ def convert(
     restore_sigterm = _sigterm_as_interrupt()
     try:
         request = ConvertRequest(
-            source=source, out=out_dir, kv_lora_rank=kv_lora_rank, qk_rope_dim=qk_rope_dim, freqfold=freqfold,
+            source=source, out=out_dir, kv_lora_rank=kv_lora_rank, qk_rope_dim=_rope_dim(qk_rope_dim), freqfold=freqfold,
             recipe=recipe, calib=None if calib == ["none"] else calib, calib_tokens=calib_tokens,
             calib_seqlen=calib_seqlen, method=method, sequential=sequential, device=_device(device), dtype=dtype,
             revision=revision, force=force, max_shard_bytes=int(max_shard_size * 1e9), resume=resume,
-            refine=refine,
+            refine=refine, kv_budget=kv_budget,
         )
         plan = plan_conversion(request)
         if dry_run:

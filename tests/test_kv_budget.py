@@ -150,3 +150,41 @@ def test_auto_split_errors_are_the_converted_layers_errors(source_factory, tmp_p
                              inv_freq(16, 10000.0), rows, chosen_rope, 24 - chosen_rope)
         assert dense == pytest.approx(report["layer_errors"][report["chosen"]][layer], rel=1e-3)
     ckpt.close()
+
+
+def test_rope_candidates_fall_back_to_the_best_orthogonal_component():
+    """At d_R = head_dim (one slot per frequency) every principal component near a frequency can lie in the
+    span of those already chosen; the fallback then offers the most energetic unit component orthogonal to
+    them, within that span plus the frequency's own pairs (checked against random components of the span)."""
+    from transgqla.calib.rope_search import _candidates
+    from transgqla.mathx.rorope import pair_energy
+
+    n_g, d, f = 3, 16, 2
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(n_g * d, 4 * n_g * d, generator=g, dtype=torch.float64)
+    gram = a @ a.T / a.shape[1]
+    cost = torch.rand(n_g, d // 2, generator=g, dtype=torch.float64) + 0.5
+    first = _candidates(gram, cost, n_g, d, f, 1, [])
+    chosen: list[torch.Tensor] = []
+    for u in first:  # every usual candidate is now in the span of the chosen components
+        for w in chosen:
+            u = u - (u * w).sum() * w
+        if u.norm() > 1e-9:
+            chosen.append(u / u.norm())
+    (fallback,) = _candidates(gram, cost, n_g, d, f, 1, chosen)
+    assert float(fallback.norm()) == pytest.approx(1.0, abs=1e-12)
+    assert max(abs(float((fallback * w).sum())) for w in chosen) < 1e-10
+    energy = pair_energy(gram, n_g, d, list(range(d // 2)))
+    e = lambda u: float(u.reshape(-1) @ energy @ u.reshape(-1))  # noqa: E731
+    pairs = []
+    for i in range(n_g):
+        p = torch.zeros(n_g, d // 2, dtype=torch.float64)
+        p[i, f] = 1.0
+        pairs.append(p)
+    span = chosen + pairs
+    for _ in range(200):
+        u = sum(float(c) * v for c, v in zip(torch.randn(len(span), generator=g, dtype=torch.float64), span))
+        for w in chosen:
+            u = u - (u * w).sum() * w
+        if u.norm() > 1e-6:
+            assert e(u / u.norm()) <= e(fallback) + 1e-10

@@ -14,6 +14,7 @@ from cli.app import app
 from helpers import load_tensors, run_convert
 from test_calibration import _dense_error, make_tokenizer, tiny_text
 from transgqla.calib.split_search import probe_layers, report_line
+from transgqla.convert import ConvertRequest, plan_conversion, plan_fingerprint
 from transgqla.errors import InputError
 from transgqla.io import SafetensorsCheckpoint
 from transgqla.kv_budget import split_candidates
@@ -129,6 +130,11 @@ def test_auto_split_errors_are_the_converted_layers_errors(source_factory, tmp_p
     cfg = json.loads((tmp_path / "auto" / "config.json").read_text())
     assert cfg["qk_rope_head_dim"] == chosen_rope and cfg["kv_lora_rank"] == 24 - chosen_rope
     assert cfg["gqla"]["conversion"]["split_search"]["chosen"] == report["chosen"]
+    # deterministic: planning again (as --resume does) finds the same split and the same plan fingerprint
+    again = plan_conversion(ConvertRequest(source=str(src), out=tmp_path / "auto", kv_budget=24, qk_rope_dim="auto",
+                                           **common))
+    assert again.settings == auto.plan.settings and plan_fingerprint(again) == plan_fingerprint(auto.plan)
+    again.checkpoint.close()
     for label, errors in report["layer_errors"].items():
         rank, rope = (int(v) for v in label.split("+"))
         fixed = run_convert(src, tmp_path / label, kv_lora_rank=rank, qk_rope_dim=rope, **common)

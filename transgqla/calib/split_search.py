@@ -17,7 +17,6 @@ probe layer once per candidate. Deterministic: the same windows, the same method
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import replace
 from typing import Any, Callable
 
@@ -46,9 +45,8 @@ def search_split(ckpt, geo, source_config: dict, windows: torch.Tensor, options:
                  device: str = "cpu") -> dict[str, Any]:
     """Score every candidate of ``options`` (``d_R`` -> settings with ``kv_lora_rank``, ``qk_rope_head_dim``,
     ``freqfold``, ``freqfold_requested``, ``balance_kv``, ``method``). Returns the report: per-candidate
-    geometric-mean error (keys ``"r+d_R"``), per-layer errors, the probe layers, windows, seconds, and
-    ``chosen_qk_rope_head_dim``."""
-    start = time.perf_counter()
+    geometric-mean error (keys ``"r+d_R"``), per-layer errors, the probe layers, windows, and the choice.
+    No timings: the report is part of the settings, and so of the resume journal's plan fingerprint."""
     layers = probe_layers(geo.n_layers)
     dev = torch.device(device)
     runner = LayerwiseCalibration(ckpt, source_config, windows[:SEARCH_WINDOWS], sample_windows=2, device=device)
@@ -79,7 +77,6 @@ def search_split(ckpt, geo, source_config: dict, windows: torch.Tensor, options:
         "layer_errors": {split_label(options[d].kv_lora_rank, d): per_layer[d] for d in options},
         "probe_layers": layers,
         "windows": int(min(SEARCH_WINDOWS, windows.shape[0])),
-        "seconds": round(time.perf_counter() - start, 2),
         "chosen_qk_rope_head_dim": chosen,
         "chosen": split_label(options[chosen].kv_lora_rank, chosen),
     }
@@ -98,8 +95,15 @@ def report_line(report: dict[str, Any]) -> str:
 
 
 def choose_split(ckpt, geo, source_config: dict, windows: torch.Tensor, settings,
-                 with_split: Callable[[int], Any], device: str = "cpu"):
-    """``settings`` with the best split of its budget (``settings.split_candidates``) and the search's report."""
+                 with_split: Callable[[int], Any], device: str = "cpu", threads: int = 1):
+    """``settings`` with the best split of its budget (``settings.split_candidates``) and the search's report.
+    Runs on ``threads`` torch threads (the conversion's math threads): other counts give other bits, and
+    the choice must be the same on a resumed run."""
     options = {d_r: with_split(d_r) for d_r in settings.split_candidates}
-    report = search_split(ckpt, geo, source_config, windows, options, device)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        report = search_split(ckpt, geo, source_config, windows, options, device)
+    finally:
+        torch.set_num_threads(previous)
     return replace(options[report["chosen_qk_rope_head_dim"]], split_search=report)

@@ -225,7 +225,7 @@ def plan_conversion(request: ConvertRequest) -> ConversionPlan:
         from .settings import with_split
 
         settings = choose_split(ckpt, geo, config, windows, settings, lambda d_r: with_split(geo, settings, d_r),
-                                request.device)
+                                request.device, _math_threads_setting())
     replaced = {fam.tensor(l, p, k) for l in range(geo.n_layers) for p in ATTN_SOURCE_PARTS for k in ("weight", "bias")}
     outputs = [ckpt.spec(n) for n in ckpt.names if n not in replaced and not DROPPED_TENSORS.search(n)]
     shapes = _output_shapes(geo, settings)

@@ -1,7 +1,7 @@
 """Quality benchmark: in-domain and cross-domain perplexity of converted SmolLM2-135M-Instruct, side by side.
 
-    python benchmarks/quality.py [--budgets 96+32,160+32] [--variants transmla,gqla,gqla+refine40]
-                                 [--calib-domains docs,prose] [--calib-tokens 16384] [--eval-tokens 8192]
+    python benchmarks/quality.py [--budgets 96+32,160+32] [--variants transmla,gqla+refine50,gqla+refine50+auto]
+                                 [--calib-domains docs,prose,mixed] [--calib-tokens 16384] [--eval-tokens 8192]
                                  [--workdir DIR] [--out benchmarks/results/quality-cross-domain.json]
 
 Two offline text domains, each split into disjoint calibration and evaluation halves:
@@ -93,7 +93,7 @@ def markdown_table(result: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budgets", default="96+32,160+32")
-    ap.add_argument("--variants", default="transmla,gqla,gqla+refine40")
+    ap.add_argument("--variants", default="transmla,gqla+refine50")
     ap.add_argument("--calib-domains", default="docs,prose")
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--eval-tokens", type=int, default=8192)

@@ -109,7 +109,7 @@ def convert(
     calib_seqlen: int = typer.Option(512, "--calib-seqlen", help="Calibration window length in tokens."),
     method: Optional[str] = typer.Option(None, "--method", help="pca (data-free) | transmla | gqla (default with --calib)."),
     sequential: bool = typer.Option(False, "--sequential", help="Calibrate layer l on the outputs of converted layers < l."),
-    refine: Optional[int] = typer.Option(None, "--refine", help="Gradient steps per layer fitting the converted attention's output to the source's on the calibration text (0 = closed form only; default: recipe, else 40 with calibration text)."),
+    refine: Optional[int] = typer.Option(None, "--refine", help="Gradient steps per layer fitting the converted attention's output to the source's on the calibration text (0 = closed form only; default: recipe, else 50 with calibration text)."),
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda: where calibration and the layer math run (auto: CUDA when available)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Built-in recipe name or a TOML file."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16|float16|float32 for converted tensors (default: source's)."),

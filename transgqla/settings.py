@@ -15,7 +15,7 @@ from .source_geometry import SourceGeometry
 DEFAULT_CACHE_RATIO = 576 / 2048
 RANK_MULTIPLE = 16
 # Refinement steps per layer when neither a flag nor a recipe says (calibrated methods only).
-DEFAULT_REFINE_STEPS = 40  # on by default: it wins in and out of domain (benchmarks/quality.py)
+DEFAULT_REFINE_STEPS = 50  # on by default: it wins in and out of domain (benchmarks/quality.py, benchmarks/README.md)
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Quality benchmark: in-domain and cross-domain perplexity of converted SmolLM2-135M-Instruct, side by side.
 
-    python benchmarks/quality.py [--budgets 96+32,160+32] [--variants transmla,gqla,gqla+refine40]
-                                 [--calib-domains docs,prose] [--calib-tokens 16384] [--eval-tokens 8192]
+    python benchmarks/quality.py [--budgets 96+32,160+32] [--variants transmla,gqla+refine50,gqla+refine50+auto]
+                                 [--calib-domains docs,prose,mixed] [--calib-tokens 16384] [--eval-tokens 8192]
                                  [--workdir DIR] [--out benchmarks/results/quality-cross-domain.json]
 
 Two offline text domains, each split into disjoint calibration and evaluation halves:
@@ -9,8 +9,10 @@ Two offline text domains, each split into disjoint calibration and evaluation ha
 * ``prose``: general English, Debian's fortunes (``builtin:prose-calib`` / ``builtin:prose-eval``,
   transgqla/prose.py; ``apt-get install fortunes``).
 Every conversion is calibrated on one domain and evaluated on both: the other domain's evaluation
-text is the cross-domain figure, its own the in-domain one. A variant is a method (``transmla``,
-``gqla``) with an optional ``+refineN`` (``--refine N``). Each conversion runs in its own process
+text is the cross-domain figure, its own the in-domain one (``--calib-domains mixed``: both calibration
+texts, as ``--calib auto`` picks; no cross-domain figure). A variant is a method (``transmla``, ``gqla``)
+with optional ``+refineN`` (``--refine N``) and ``+auto`` (``--kv-budget r+d_R --qk-rope-dim auto``: the
+split of the budget searched; the row records the split chosen). Each conversion runs in its own process
 (wall time and peak RSS are that process's); perplexity uses non-overlapping 512-token windows
 (``transgqla eval-ppl``). F, the cost of one calibration forward pass (what refinement may add at
 most), is measured in this process on the same tokens, one thread as the converter's layer math.
@@ -30,6 +32,9 @@ import time
 from pathlib import Path
 
 DOMAINS = {"docs": ("builtin:calib", "builtin:eval"), "prose": ("builtin:prose-calib", "builtin:prose-eval")}
+# Calibration choices: one domain (the other is the cross-domain figure) or both mixed (what --calib auto
+# picks offline; neither evaluation text is then out of domain).
+CALIB = {"docs": ["builtin:calib"], "prose": ["builtin:prose-calib"], "mixed": ["builtin:prose-calib", "builtin:calib"]}
 SOURCE = "demo:smollm2-135m"
 GQA_CACHE = 384  # SmolLM2-135M: 2 n_g d = 2 * 3 * 64 values per token per layer
 
@@ -71,10 +76,24 @@ def forward_seconds(calib_text: str, tokens: int) -> tuple[float, float]:
         torch.set_num_threads(threads)
 
 
+def markdown_table(result: dict) -> str:
+    """The rows as a markdown table (cross- and in-domain ratios against the source)."""
+    lines = ["| KV budget | variant | split | calibrated on | ppl docs | ppl prose | cross-domain ratio | in-domain ratio "
+             "| convert wall (s) | convert CPU (s) | peak RSS (GB) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        other = next((d for d in DOMAINS if d != r["calib"]), None) if r["calib"] in DOMAINS else None
+        cross = f"{r['ratio'][other]:.2f}" if other else "-"
+        own = f"{r['ratio'][r['calib']]:.2f}" if r["calib"] in DOMAINS else "-"
+        lines.append(f"| {r['budget']} ({100 * r['cache_share']:.0f}%) | {r['variant']} | {r.get('split', r['budget'])} | "
+                     f"{r['calib']} | {r['ppl']['docs']:.2f} | {r['ppl']['prose']:.2f} | {cross} | {own} | "
+                     f"{r['convert_s']} | {r.get('convert_cpu_s', '-')} | {r['peak_rss_gb']} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budgets", default="96+32,160+32")
-    ap.add_argument("--variants", default="transmla,gqla,gqla+refine40")
+    ap.add_argument("--variants", default="transmla,gqla+refine50")
     ap.add_argument("--calib-domains", default="docs,prose")
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--eval-tokens", type=int, default=8192)
@@ -101,7 +120,7 @@ def main() -> None:
                     "domains": DOMAINS, "source_ppl": source_ppl, "rows": []}
     print(f"source perplexity {result['source_ppl']}", flush=True)
     if not args.skip_forward:
-        wall, cpu = forward_seconds(DOMAINS[args.calib_domains.split(",")[0]][0], args.calib_tokens)
+        wall, cpu = forward_seconds(CALIB[args.calib_domains.split(",")[0]][0], args.calib_tokens)
         result["forward_pass"] = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}
         print(f"calibration forward pass F: {result['forward_pass']}", flush=True)
 
@@ -113,29 +132,32 @@ def main() -> None:
         rank, rope = (int(v) for v in budget.split("+"))
         for calib in args.calib_domains.split(","):
             for variant in args.variants.split(","):
-                method, _, refine = variant.partition("+refine")
+                method, *options = variant.split("+")
+                refine = next((o[len("refine"):] for o in options if o.startswith("refine")), "0")
                 out = work / f"{variant}-{rank}-{rope}-{calib}"
-                cmd = exe + ["convert", SOURCE, str(out), "--kv-lora-rank", str(rank), "--qk-rope-dim", str(rope),
-                             "--force", "--json", "--device", "cpu", "--method", method, "--calib", DOMAINS[calib][0],
-                             "--calib-tokens", str(args.calib_tokens), "--refine", refine or "0"]
+                shape = (["--kv-budget", str(rank + rope), "--qk-rope-dim", "auto"] if "auto" in options
+                         else ["--kv-lora-rank", str(rank), "--qk-rope-dim", str(rope)])
+                cmd = exe + ["convert", SOURCE, str(out), *shape, "--force", "--json", "--device", "cpu",
+                             "--method", method, "--calib-tokens", str(args.calib_tokens), "--refine", refine]
+                for text in CALIB[calib]:
+                    cmd += ["--calib", text]
                 if method == "transmla":
                     cmd += ["--freqfold", "4"]
-                _, wall, rss, cpu = run_measured(cmd)
+                summary, wall, rss, cpu = run_measured(cmd)
                 ppls = {d: ppl(str(out), d) for d in DOMAINS}
+                s = summary["settings"]
                 row = {"budget": budget, "cache_share": round((rank + rope) / GQA_CACHE, 3), "variant": variant,
-                       "calib": calib, "ppl": ppls, "ratio": {d: ppls[d] / result["source_ppl"][d] for d in DOMAINS},
+                       "calib": calib, "split": f"{s['kv_lora_rank']}+{s['qk_rope_head_dim']}",
+                       "ppl": ppls, "ratio": {d: ppls[d] / result["source_ppl"][d] for d in DOMAINS},
                        "convert_s": round(wall, 1), "convert_cpu_s": round(cpu, 1), "peak_rss_gb": round(rss / 1e9, 2)}
+                if s.get("split_search"):
+                    row["split_search"] = s["split_search"]["candidates"]
                 result["rows"].append(row)
                 save()
                 print(json.dumps(row), flush=True)
     save()
     print()
-    print("| KV budget | variant | calibrated on | ppl docs | ppl prose | cross-domain ratio | in-domain ratio | convert wall (s) | convert CPU (s) | peak RSS (GB) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in result["rows"]:
-        other = next(d for d in DOMAINS if d != r["calib"])
-        print(f"| {r['budget']} ({100 * r['cache_share']:.0f}%) | {r['variant']} | {r['calib']} | {r['ppl']['docs']:.2f} | "
-              f"{r['ppl']['prose']:.2f} | {r['ratio'][other]:.2f} | {r['ratio'][r['calib']]:.2f} | {r['convert_s']} | {r.get('convert_cpu_s', '-')} | {r['peak_rss_gb']} |")
+    print(markdown_table(result))
     print(f"\nwritten {dest}")
 
 

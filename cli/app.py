@@ -26,11 +26,13 @@ from .options import (
     Device,
     Force,
     JsonFlag,
+    KvBudget,
     KvLoraRank,
     MaxShardSize,
-    QkRopeDim,
+    QkRopeDimOrAuto,
     Seqlen,
     device_name,
+    parse_rope_dim,
     parse_size,
 )
 from .plan_cmd import register as register_plan
@@ -76,7 +78,8 @@ def convert(
     source: str = typer.Argument(..., help="Local model folder, Hugging Face model id, or demo:smollm2-135m."),
     out_dir: Path = typer.Argument(..., metavar="OUT", help="Output folder (must be empty unless --force)."),
     kv_lora_rank: KvLoraRank = None,
-    qk_rope_dim: QkRopeDim = None,
+    qk_rope_dim: QkRopeDimOrAuto = None,
+    kv_budget: KvBudget = None,
     freqfold: Optional[str] = typer.Option(None, "--freqfold", help="Frequencies per PCA block, or 'auto'."),
     calib: list[str] = typer.Option(
         ["auto"], "--calib",
@@ -96,7 +99,7 @@ def convert(
     refine: Optional[int] = typer.Option(
         None, "--refine",
         help="Gradient steps per layer fitting the converted attention's output to the source's on the calibration "
-             "text (0 = closed form only; default: recipe, else 40 with calibration text)."),
+             "text (0 = closed form only; default: recipe, else 50 with calibration text)."),
     device: Device = "auto",
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Built-in recipe name or a TOML file."),
     dtype: Optional[str] = typer.Option(
@@ -118,11 +121,11 @@ def convert(
     restore_sigterm = _sigterm_as_interrupt()
     try:
         request = ConvertRequest(
-            source=source, out=out_dir, kv_lora_rank=kv_lora_rank, qk_rope_dim=qk_rope_dim, freqfold=freqfold,
+            source=source, out=out_dir, kv_lora_rank=kv_lora_rank, qk_rope_dim=parse_rope_dim(qk_rope_dim), freqfold=freqfold,
             recipe=recipe, calib=None if calib == ["none"] else calib, calib_tokens=calib_tokens,
             calib_seqlen=calib_seqlen, method=method, sequential=sequential, device=device_name(device), dtype=dtype,
             revision=revision, force=force, max_shard_bytes=parse_size(max_shard_size), resume=resume,
-            refine=refine,
+            refine=refine, kv_budget=kv_budget,
         )
         plan = plan_conversion(request)
         if dry_run:

@@ -64,4 +64,22 @@ KvLoraRank = Annotated[Optional[int], typer.Option(
     "--kv-lora-rank", help="Latent rank r (default: the recipe's, else the ~28% cache rule).")]
 QkRopeDim = Annotated[Optional[int], typer.Option(
     "--qk-rope-dim", help="RoPE key dims d_R (default: the recipe's, else head_dim/2).")]
+QkRopeDimOrAuto = Annotated[Optional[str], typer.Option(
+    "--qk-rope-dim",
+    help="RoPE key dims d_R (default: the recipe's, else head_dim/2), or 'auto': the split of the KV budget with "
+         "the lowest calibration error on a few layers (needs calibration text; runs before the conversion).")]
+KvBudget = Annotated[Optional[int], typer.Option(
+    "--kv-budget",
+    help="KV cache values per token per layer, r + d_R (absorb path); with --qk-rope-dim auto the split is "
+         "searched, else r = N - d_R.")]
+
+
+def parse_rope_dim(value: str | None) -> int | str | None:
+    """``--qk-rope-dim``: an integer or 'auto' (a one-line error otherwise)."""
+    if value is None or value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise InputError(f"--qk-rope-dim must be an even integer or 'auto', got {value!r}") from None
 Seqlen = Annotated[int, typer.Option("--seqlen", help="Window length in tokens; windows do not overlap.")]

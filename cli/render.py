@@ -51,6 +51,10 @@ def conversion_table(summary: dict[str, Any], layers: list[dict[str, float]]) ->
     table.add_row("architecture", f"{summary['architecture']} ({summary['layers']} layers)")
     table.add_row("recipe", str(s["recipe"] or "default rule"))
     table.add_row("kv_lora_rank + qk_rope_head_dim", f"{s['kv_lora_rank']} + {s['qk_rope_head_dim']}")
+    if s.get("split_search"):
+        from transgqla.calib.split_search import report_line
+
+        table.add_row("KV budget split", report_line(s["split_search"]))
     table.add_row("freqfold", f"{s['freqfold']} (requested {s['freqfold_requested']})")
     table.add_row("statistics", "data-free (weights)" if s["calib"] == "none" else s["calib"])
     table.add_row("KV cache / token / layer: source GQA", str(c["source_gqa"]))

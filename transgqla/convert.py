@@ -88,7 +88,7 @@ class ConvertRequest:
     source: str
     out: Path
     kv_lora_rank: int | None = None
-    qk_rope_dim: int | None = None
+    qk_rope_dim: int | str | None = None  # or 'auto': the split of kv_budget by calibration error
     freqfold: str | None = None
     recipe: str | None = None
     # files, builtin:NAME, hf:REPO[:CONFIG[:SPLIT]], self (calib/sources.py); None = data-free; ["auto"] (the CLI's)
@@ -104,6 +104,7 @@ class ConvertRequest:
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
     resume: bool = False  # continue from OUT's staging folder when its journal matches this plan
     refine: int | None = None  # refinement steps per layer (None: the recipe's or the default)
+    kv_budget: int | None = None  # r + d_R, values per token per layer (kv_budget.py)
 
 
 @dataclass
@@ -194,12 +195,19 @@ def plan_conversion(request: ConvertRequest) -> ConversionPlan:
         method=request.method,
         dtype=out_dtype,
         refine=request.refine,
+        kv_budget=request.kv_budget,
     )
     windows = None
     if calib:
         from .calib.sources import calibration_windows
 
         windows = calibration_windows(calib, path, request.calib_seqlen, request.calib_tokens, request.device).windows
+    if settings.split_candidates:  # --qk-rope-dim auto: the output shapes wait for the split search
+        from .calib.split_search import choose_split
+        from .settings import with_split
+
+        settings = choose_split(ckpt, geo, config, windows, settings, lambda d_r: with_split(geo, settings, d_r),
+                                request.device, _math_threads_setting())
     replaced = {fam.tensor(l, p, k) for l in range(geo.n_layers) for p in ATTN_SOURCE_PARTS for k in ("weight", "bias")}
     outputs = [ckpt.spec(n) for n in ckpt.names if n not in replaced and not DROPPED_TENSORS.search(n)]
     shapes = AttentionDims.of_conversion(geo, settings).shapes()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from .errors import InputError
@@ -15,7 +15,7 @@ from .source_geometry import SourceGeometry
 DEFAULT_CACHE_RATIO = 576 / 2048
 RANK_MULTIPLE = 16
 # Refinement steps per layer when neither a flag nor a recipe says (calibrated methods only).
-DEFAULT_REFINE_STEPS = 40  # on by default: it wins in and out of domain (benchmarks/quality.py)
+DEFAULT_REFINE_STEPS = 50  # on by default: it wins in and out of domain (benchmarks/quality.py, benchmarks/README.md)
 
 
 @dataclass
@@ -31,6 +31,9 @@ class ConversionSettings:
     recipe: str | None
     refine: int = 0  # gradient steps per layer after the closed form (calib/refine.py); 0 = off
     refine_seed: int = 0
+    kv_budget: int | None = None  # --kv-budget / --qk-rope-dim auto: r + d_R, values per token per layer
+    split_candidates: list[int] | None = None  # d_R to choose from by calibration error (calib/split_search.py)
+    split_search: dict[str, Any] | None = None  # what that search measured and chose
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,17 +78,25 @@ def resolve_settings(
     geo: SourceGeometry,
     *,
     kv_lora_rank: int | None = None,
-    qk_rope_dim: int | None = None,
+    qk_rope_dim: int | str | None = None,
     freqfold: str | int | None = None,
     recipe: str | None = None,
     calib: str = "none",
     method: str | None = None,
     dtype: str,
     refine: int | None = None,
+    kv_budget: int | None = None,
 ) -> ConversionSettings:
     """Combine the default rule, the recipe and the flags; raise InputError on impossible values."""
     chosen: Recipe | None = load_recipe(recipe) if recipe else match_recipe(geo)
     base = dict(chosen.settings) if chosen else {}
+    if kv_budget is not None or qk_rope_dim == "auto":
+        from .kv_budget import budget_split
+
+        kv_lora_rank, qk_rope_dim, split = budget_split(geo, base, kv_budget, kv_lora_rank, qk_rope_dim,
+                                                        pinned_by=chosen.name if recipe and chosen else None)
+    else:
+        split = None
     rope_dim = qk_rope_dim if qk_rope_dim is not None else base.get("qk_rope_head_dim", default_rope_dim(geo))
     if rope_dim < 2 or rope_dim % 2 or geo.head_dim % rope_dim:
         raise InputError(
@@ -129,4 +140,28 @@ def resolve_settings(
         dtype=dtype,
         recipe=chosen.name if chosen else None,
         refine=steps,
+        **_split_fields(split, chosen_method, geo, requested),
     )
+
+
+def _split_fields(split, method: str, geo: SourceGeometry, freqfold_requested: str) -> dict[str, Any]:
+    """The budget fields of the settings; an explicit FreqFold keeps the candidates it fits."""
+    if split is None:
+        return {}
+    fields = split.settings_fields(method)
+    if fields["split_candidates"] and freqfold_requested != "auto":
+        fits = []
+        for d_r in fields["split_candidates"]:
+            try:
+                check_geometry(geo.head_dim, d_r, int(freqfold_requested))
+                fits.append(d_r)
+            except ValueError:
+                pass
+        fields["split_candidates"] = fits if len(fits) > 1 else None
+    return fields
+
+
+def with_split(geo: SourceGeometry, s: ConversionSettings, rope_dim: int) -> ConversionSettings:
+    """``s`` with its KV budget split as ``(kv_budget - rope_dim) + rope_dim`` (FreqFold re-resolved if 'auto')."""
+    ff = auto_freqfold(geo, rope_dim) if s.freqfold_requested == "auto" else s.freqfold
+    return replace(s, kv_lora_rank=s.kv_budget - rope_dim, qk_rope_head_dim=rope_dim, freqfold=ff)

@@ -46,7 +46,7 @@ class RefineSettings:
     steps: int
     lr: float = 0.01  # peak step, relative to each tensor's RMS
     windows_per_step: int = 4
-    queries_per_window: int = 64
+    queries_per_window: int = 32  # 50 steps of 4 x 32 beat 40 of 4 x 64 at 0.68x the cost per step (benchmarks/README.md)
     holdout_windows: int = 1
     eval_every: int = 10
     warmup: float = 0.1  # fraction of the steps

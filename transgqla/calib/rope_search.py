@@ -130,7 +130,33 @@ def _candidates(key_gram, cost_weight, n_g, d, f, collapse, chosen: list[torch.T
             norm = float(u.norm())
             if norm > 0.3:
                 out.append(u / norm)
-    return out
+    return out or _orthogonal_fallback(key_gram, n_g, d, f, chosen)
+
+
+def _orthogonal_fallback(key_gram, n_g, d, f, chosen: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The most energetic unit component in the span of frequency ``f``'s pairs and the chosen components,
+    orthogonal to the chosen ones: the one candidate left when every principal component near ``f`` lies
+    (mostly) in the span of components already chosen. Happens at ``d_R = head_dim`` (one slot per
+    frequency): a two-frequency block chosen for slot ``f - 1`` can take most of frequency ``f``."""
+    half = d // 2
+    dev = key_gram.device
+    vecs: list[torch.Tensor] = []
+    for g in range(n_g):
+        u = torch.zeros(n_g, half, dtype=torch.float64, device=dev)
+        u[g, f] = 1.0
+        for _ in range(2):  # twice: Gram-Schmidt against nearly parallel vectors
+            for w in chosen + vecs:
+                u = u - (u * w).sum() * w
+        norm = float(u.norm())
+        if norm > 1e-6:
+            vecs.append(u / norm)
+    if not vecs:
+        return []
+    basis = torch.stack(vecs).reshape(len(vecs), -1)  # [k, n_g d/2], pairs g major
+    energy = pair_energy(key_gram, n_g, d, list(range(half)))
+    _, top = eigh_descending(basis @ energy @ basis.T, top=1)
+    u = (top[:, 0] @ basis).reshape(n_g, half)
+    return [u / u.norm()]
 
 
 def greedy_rope_basis(model: AttentionErrorModel, key_gram: torch.Tensor, cost_weight: torch.Tensor,

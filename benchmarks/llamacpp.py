@@ -102,8 +102,8 @@ def against(logits: torch.Tensor, ref: torch.Tensor) -> dict:
 
 
 def reference_logits(folder: Path, ids: list[int], gqla: bool) -> torch.Tensor:
-    from transgqla.model.decoder import GQLADecoder, SourceDecoder
     from transgqla.export.check import load_all
+    from transgqla.model.decoder import GQLADecoder, SourceDecoder
 
     cfg = json.loads((folder / "config.json").read_text())
     cls = GQLADecoder if gqla else SourceDecoder

@@ -15,9 +15,10 @@ import json
 import pytest
 import torch
 
-from helpers import load_decoder, load_tensors, rel_err, run_convert
 from transgqla.errors import UnsupportedError
 from transgqla.model.decoder import SourceDecoder
+
+from helpers import load_decoder, load_tensors, rel_err, run_convert
 
 IDS = torch.randint(0, 101, (2, 17), generator=torch.Generator().manual_seed(3))
 FAMILY_KW = {
@@ -132,10 +133,10 @@ def test_stock_exports_refuse_the_block_with_one_line(source_factory, tmp_path, 
 
 @pytest.mark.parametrize("family", NEW)
 def test_calibrated_convert_verify_and_eval_ppl(source_factory, tmp_path, family):
-    from test_calibration import make_tokenizer, tiny_text
-
     from transgqla.evaluate import perplexity
     from transgqla.verify import run_verify
+
+    from test_calibration import make_tokenizer, tiny_text
 
     src, _ = _source(source_factory, family, n_kv=2)
     make_tokenizer(src)

@@ -11,8 +11,6 @@ import torch
 from typer.testing import CliRunner
 
 from cli.app import app
-from helpers import load_tensors, run_convert
-from test_calibration import _dense_error, make_tokenizer, tiny_text
 from transgqla.calib.split_search import probe_layers, report_line
 from transgqla.convert import ConvertRequest, plan_conversion, plan_fingerprint
 from transgqla.errors import InputError
@@ -23,6 +21,9 @@ from transgqla.mathx.rope import inv_freq
 from transgqla.settings import resolve_settings
 from transgqla.source_checkpoint import read_attention
 from transgqla.source_geometry import read_geometry
+
+from helpers import load_tensors, run_convert
+from test_calibration import _dense_error, make_tokenizer, tiny_text
 
 
 def _geometry(n_kv: int, head_dim: int, hidden: int, heads: int):

@@ -449,8 +449,8 @@ def _largest_layer_bytes(*folders: Path, itemsize: int = 4) -> int:
 def test_every_section_holds_at_most_one_layer(lossy, monkeypatch):
     """structure, paths, fidelity (source and GQLA) and decode read the weights layer by layer: at no
     time are two layers' tensors alive, the embedding is read by rows and the heads in chunks."""
-    import transgqla.verify.decode as decode
     import transgqla.model.layerwise as layerwise
+    import transgqla.verify.decode as decode
     import transgqla.verify.token_stats as token_stats
 
     src, out = lossy

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .text.pipeline import load_tokenizer, read_sources, token_windows
+from .errors import InputError
 from .io import SafetensorsCheckpoint
 from .model.attention import PATHS
 from .model.decoder import Decoder, GQLADecoder, SourceDecoder
@@ -25,7 +25,7 @@ from .model.layerwise import LayerwiseModel
 from .model.lazy import CheckpointTensors
 from .source_checkpoint import load_config, resolve
 from .source_geometry import read_geometry
-from .errors import InputError
+from .text.pipeline import load_tokenizer, read_sources, token_windows
 
 
 @dataclass

@@ -24,8 +24,16 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..mathx.attention_stats import group_output_metric, group_query_metric, rotation_stats, source_attention_parts
-from ..mathx.gqla_layer import (ConvertedAttention, KeySplit, LayerObjective, LayerSettings, SourceAttention, assemble,
-                                factorize_latent, split_keys)
+from ..mathx.gqla_layer import (
+    ConvertedAttention,
+    KeySplit,
+    LayerObjective,
+    LayerSettings,
+    SourceAttention,
+    assemble,
+    factorize_latent,
+    split_keys,
+)
 from ..mathx.lowrank import Factorization
 from ..mathx.metric_latent import MetricLatent
 from ..mathx.moments import augment

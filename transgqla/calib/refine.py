@@ -30,12 +30,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..mathx.rope import cos_sin, interleaved_layout, rotate_half_layout
 from ..model.geometry import GQLAGeometry
 from ..model.source_attention import GQAGeometry
+
+if TYPE_CHECKING:
+    from ..mathx.gqla_layer import ConvertedAttention
 
 TRAINABLE = ("q_proj.weight", "q_proj.bias", "kv_a_proj_with_mqa.weight", "kv_a_proj_with_mqa.bias",
              "kv_b_proj.weight", "kv_b_proj.bias")

@@ -38,8 +38,16 @@ from ..io.safetensors_format import to_torch_dtype
 from ..mathx.rope import rope_settings
 from .deepseek_layers import engines_layer, pinned_layer, query_lora
 from .gqla_paths import export_info, finish
-from .latent_norm import (LATENT_NORM_EPS, embedding_mean_square, eps_shift, input_bound, latent_bound, linear_norm,
-                          pin_norm, rescale_pays)
+from .latent_norm import (
+    LATENT_NORM_EPS,
+    embedding_mean_square,
+    eps_shift,
+    input_bound,
+    latent_bound,
+    linear_norm,
+    pin_norm,
+    rescale_pays,
+)
 from .source import GQLACheckpoint, plan_rewritten, write_planned
 
 TARGETS = ("engines", "transformers")

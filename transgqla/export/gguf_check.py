@@ -30,9 +30,9 @@ import numpy as np
 import torch
 
 from ..families import Block
+from ..mathx.rope import cos_sin, interleaved_layout
 from ..model.attention import KVCache, _softmax, causal_mask
 from ..model.decoder import Decoder, rms_norm
-from ..mathx.rope import cos_sin, interleaved_layout
 
 ARCH = "deepseek2"
 _TO_HF = {  # GGUF name suffix in block l -> the decoder's name in layer l

@@ -21,14 +21,14 @@ import torch
 
 from ..errors import InputError, TransGQLAError
 from ..io import SafetensorsCheckpoint
-from ..source_checkpoint import resolve
 from ..model.attention import KVCache, attention
 from ..model.decoder import SourceDecoder
 from ..model.source_attention import gqa_attention
+from ..source_checkpoint import resolve
 from .inputs import batches, groups
 from .layerwise import LayerwiseModel
-from .token_stats import TokenStats, token_stats
 from .report import Check, bounded, skipped
+from .token_stats import TokenStats, token_stats
 
 FIXED_WINDOWS = 4  # windows of fixed ids when there is no tokenizer
 FIXED_SEQLEN = 128

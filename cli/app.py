@@ -121,7 +121,8 @@ def convert(
     restore_sigterm = _sigterm_as_interrupt()
     try:
         request = ConvertRequest(
-            source=source, out=out_dir, kv_lora_rank=kv_lora_rank, qk_rope_dim=parse_rope_dim(qk_rope_dim), freqfold=freqfold,
+            source=source, out=out_dir, kv_lora_rank=kv_lora_rank, qk_rope_dim=parse_rope_dim(qk_rope_dim),
+            freqfold=freqfold,
             recipe=recipe, calib=None if calib == ["none"] else calib, calib_tokens=calib_tokens,
             calib_seqlen=calib_seqlen, method=method, sequential=sequential, device=device_name(device), dtype=dtype,
             revision=revision, force=force, max_shard_bytes=parse_size(max_shard_size), resume=resume,

@@ -47,7 +47,8 @@ def write_byte_level_tokenizer(folder, vocab_size: int = 101) -> None:
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(["<|endoftext|>"])
     tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}))
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +143,8 @@ def test_transcription_reproduces_the_reference(gg, tmp_path):
     want = ref.forward(x, ref.new_cache("absorb"))
     assert rel_err(dec.forward(x, dec.new_cache()), want) < 1e-5
     cache = dec.new_cache()  # cached: a prefill, then two single-token steps
-    got = torch.cat([dec.forward(x[:, :10], cache), dec.forward(x[:, 10:11], cache), dec.forward(x[:, 11:], cache)], dim=1)
+    got = torch.cat([dec.forward(x[:, :10], cache), dec.forward(x[:, 10:11], cache), dec.forward(x[:, 11:], cache)],
+                    dim=1)
     assert rel_err(got, want) < 1e-5
 
 
@@ -165,7 +167,8 @@ def test_output_types(gg, tmp_path, outtype, bound):
         assert kinds["blk.0.ffn_up.weight"] == half
     ref, dec = load_decoder(out, dtype=torch.float64), GGUFDecoder(dst)
     err = rel_err(dec.forward(ids(), dec.new_cache()), ref.forward(ids(), ref.new_cache("absorb")))
-    print(f"gguf {outtype}: torch transcription vs reference {err:.2e}; export check {doc['check']['rel_logit_error']:.2e}")
+    print(f"gguf {outtype}: torch transcription vs reference {err:.2e}; "
+          f"export check {doc['check']['rel_logit_error']:.2e}")
     assert err < bound
 
 
@@ -193,7 +196,8 @@ def test_vocabulary_section(gg, tmp_path):
     assert len(tokens) == 101 and len(types) == 101
     n = hf.get_vocab_size()
     assert tokens[:n] == [hf.id_to_token(i) for i in range(n)] and tokens[n] == f"[PAD{n}]"
-    assert types[0] == gguf.TokenType.CONTROL and types[1] == gguf.TokenType.NORMAL and types[n] == gguf.TokenType.UNUSED
+    assert (types[0] == gguf.TokenType.CONTROL and types[1] == gguf.TokenType.NORMAL
+            and types[n] == gguf.TokenType.UNUSED)
     assert merges[:3] == ["Ġ t", "h e", "Ġt he"]
     config = json.loads((gg("eps5") / "config.json").read_text())  # the model config's ids win over the tokenizer's
     assert reader.fields["tokenizer.ggml.bos_token_id"].contents() == config["bos_token_id"]
@@ -306,7 +310,8 @@ def test_llama_cpp_on_the_demo(tmp_path_factory):
             llm.close()
         errs[f32_cache] = (rel_err(got, want), float((got.argmax(-1) == want.argmax(-1)).double().mean()))
     print(f"demo gguf f32 in llama.cpp, 128 tokens: float32 cache {errs[True][0]:.2e} (top-1 {errs[True][1]:.3f}), "
-          f"default float16 cache {errs[False][0]:.2e} (top-1 {errs[False][1]:.3f}); export check {doc['check']['rel_logit_error']:.2e}")
+          f"default float16 cache {errs[False][0]:.2e} (top-1 {errs[False][1]:.3f}); "
+          f"export check {doc['check']['rel_logit_error']:.2e}")
     assert errs[True][0] < 1e-4 and errs[True][1] == 1.0
     assert errs[False][0] < 1e-2 and errs[False][1] > 0.95
 
@@ -337,5 +342,6 @@ def test_pre_tokenizer_names():
     assert name(pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), plain])) == "smollm"
     for regex, want in ((LLAMA3_SPLIT, "llama-bpe"), (QWEN2_SPLIT, "qwen2"), ("\\s+", None)):
         split = pre_tokenizers.Split(Regex(regex), behavior="isolated")
-        assert name(pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])) == want
+        assert name(pre_tokenizers.Sequence(
+            [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])) == want
     assert name(pre_tokenizers.Metaspace()) is None

@@ -94,12 +94,14 @@ def test_verify_on_a_mimo_export_reruns_the_export_check(gqla, tmp_path):
     export_json(out, dst, "--path", "gqa", "--format", "mimo")
     report = run_verify(dst, device="cpu")
     assert report.ok and report.info["sections"] == ["export"]
-    assert report.get("export.kind").value == "mimo_v2_flash" and "export's own check" in report.get("export.kind").message
+    assert (report.get("export.kind").value == "mimo_v2_flash"
+            and "export's own check" in report.get("export.kind").message)
     ref = report.get("export.reference")
     assert ref.ok and ref.value <= ref.threshold and "greedy tokens equal" in ref.message
     shutil.rmtree(out)
     report = run_verify(dst, device="cpu")
-    assert report.ok and report.get("export.reference").ok is None and "not reachable" in report.get("export.reference").message
+    assert (report.ok and report.get("export.reference").ok is None
+            and "not reachable" in report.get("export.reference").message)
 
 
 def test_mimo_needs_gqa_path(gqla, tmp_path):

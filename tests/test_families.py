@@ -127,7 +127,8 @@ def test_stock_exports_refuse_the_block_with_one_line(source_factory, tmp_path, 
     result = export(ExportRequest(out=out, dst=tmp_path / "dst-gqla", path="gqa"))  # the GQLA format carries any family
     assert result.ok
     for check in ("full", "layerwise"):  # per-group k_proj/v_proj, checked against the reference both ways
-        folded = export(ExportRequest(out=out, dst=tmp_path / f"dst-fold-{check}", path="gqa", fold_kv=True, check=check))
+        folded = export(ExportRequest(out=out, dst=tmp_path / f"dst-fold-{check}", path="gqa", fold_kv=True,
+                                      check=check))
         assert folded.ok and folded.check.mode == check, (check, folded.check)
 
 

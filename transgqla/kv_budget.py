@@ -52,7 +52,8 @@ class BudgetSplit:
         elif len(self.candidates) == 1:
             report = {"budget": self.budget, "candidates": {str(self.candidates[0]): None},
                       "chosen_qk_rope_head_dim": self.candidates[0], "note": "the only split this model admits"}
-        return {"kv_budget": self.budget, "split_candidates": list(self.candidates) if len(self.candidates) > 1 else None,
+        return {"kv_budget": self.budget,
+                "split_candidates": list(self.candidates) if len(self.candidates) > 1 else None,
                 "split_search": report}
 
 
@@ -95,14 +96,17 @@ def budget_split(geo: SourceGeometry, base: dict[str, Any], kv_budget: int | Non
                              "instead of --kv-lora-rank")
         kv_budget = int(base.get("kv_lora_rank", default_rank(geo, base_rope))) + base_rope
     if kv_budget < 3:
-        raise InputError(f"--kv-budget must be at least 3 values per token per layer (r >= 1, d_R >= 2), got {kv_budget}")
+        raise InputError("--kv-budget must be at least 3 values per token per layer (r >= 1, d_R >= 2), "
+                         f"got {kv_budget}")
     if auto:
         if kv_lora_rank is not None:
-            raise InputError("--qk-rope-dim auto sets r = N - d_R itself: drop --kv-lora-rank (the budget is --kv-budget)")
+            raise InputError("--qk-rope-dim auto sets r = N - d_R itself: "
+                             "drop --kv-lora-rank (the budget is --kv-budget)")
         if pinned_by and "qk_rope_head_dim" in base:
             rope = base_rope
             _check_fixed(geo, kv_budget, kv_budget - rope, rope)
-            return kv_budget - rope, rope, BudgetSplit(kv_budget, (), f"recipe {pinned_by} pins qk_rope_head_dim = {rope}; kept")
+            return kv_budget - rope, rope, BudgetSplit(kv_budget, (),
+                                                       f"recipe {pinned_by} pins qk_rope_head_dim = {rope}; kept")
         cands = split_candidates(geo, kv_budget)
         if not cands:
             top = max_rank(geo.n_groups, geo.head_dim, geo.head_dim // MAX_COLLAPSE, geo.hidden)

@@ -116,10 +116,12 @@ def check_supported(src: GQLACheckpoint) -> list[str]:
         raise UnsupportedError(f"rope scaling '{kind}' has no llama.cpp deepseek2 equivalent (it scales attention "
                                "for YaRN on any scaled RoPE); export --format deepseek or gqla instead")
     if geo.hidden_act != "silu":
-        raise UnsupportedError(f"activation {geo.hidden_act!r}: llama.cpp's deepseek2 dense FFN is SiLU-gated; export --format gqla instead")
+        raise UnsupportedError(f"activation {geo.hidden_act!r}: llama.cpp's deepseek2 dense FFN is SiLU-gated; "
+                               "export --format gqla instead")
     for name in src.ckpt.names:
         if not _CARRIED.match(name):
-            raise UnsupportedError(f"tensor {name} has no place in a llama.cpp deepseek2 GGUF; export --format gqla instead")
+            raise UnsupportedError(f"tensor {name} has no place in a llama.cpp deepseek2 GGUF; "
+                                   "export --format gqla instead")
     warnings = []
     window = geo.sliding_window
     max_pos = int(cfg.get("max_position_embeddings") or 0)
@@ -220,7 +222,8 @@ def _tensor_info(writer: Any, p: PlannedTensor) -> int:
         return nbytes
     width = {"F32": 4, "F16": 2, "BF16": 2}[p.kind]
     nbytes = math.prod(p.shape) * width
-    writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32 if p.kind == "F32" else np.float16), nbytes, raw_dtype=qtype)
+    writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32 if p.kind == "F32" else np.float16), nbytes,
+                           raw_dtype=qtype)
     return nbytes
 
 

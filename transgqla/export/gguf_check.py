@@ -95,7 +95,8 @@ class GGUFTensors(Mapping):
         t = self._by_name[name]
         shape = tuple(int(n) for n in reversed(t.shape))  # ne order -> torch order
         data = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
-        return torch.from_numpy(np.array(data, dtype=np.float32)).reshape(shape).to(self.device)  # a copy: the map is read-only
+        # a copy: the map is read-only
+        return torch.from_numpy(np.array(data, dtype=np.float32)).reshape(shape).to(self.device)
 
     def __iter__(self):
         return iter(self._by_name)
@@ -177,7 +178,8 @@ class GGUFDecoder(Decoder):
 
 
 @torch.no_grad()
-def torch_outputs(path: Path, ids: torch.Tensor, scored: torch.Tensor, n: int, device="cpu") -> tuple[list[int], torch.Tensor]:
+def torch_outputs(path: Path, ids: torch.Tensor, scored: torch.Tensor, n: int,
+                  device="cpu") -> tuple[list[int], torch.Tensor]:
     """(greedy tokens after ``ids``, logits ``[1, T, V]`` of ``scored``) from :class:`GGUFDecoder`."""
     dec = GGUFDecoder(path, device)
     tokens = dec.generate(ids.to(dec.device), n)[0, ids.shape[1]:].tolist() if n else []

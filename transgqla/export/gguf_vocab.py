@@ -80,7 +80,8 @@ def pre_tokenizer_name(pre: Any) -> str | None:
     if not isinstance(steps, list) or len(steps) != 2:
         return None
     first, second = steps
-    if isinstance(first, dict) and first.get("type") == "Digits" and first.get("individual_digits") and _is_byte_level(second, True):
+    if (isinstance(first, dict) and first.get("type") == "Digits" and first.get("individual_digits")
+            and _is_byte_level(second, True)):
         return "smollm"
     if _is_byte_level(second, False):
         return {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}.get(_split_pattern(first))

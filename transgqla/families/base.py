@@ -110,8 +110,8 @@ class Block:
         return out
 
     def beyond_llama(self) -> list[str]:
-        """What this block has (phrases that follow "has") that a Llama-shaped stock target (DeepSeek-V3's dense block, MiMo-V2's)
-        cannot carry, in words; empty for Llama, Mistral and Qwen2."""
+        """What this block has (phrases that follow "has") that a Llama-shaped stock target
+        (DeepSeek-V3's dense block, MiMo-V2's) cannot carry, in words; empty for Llama, Mistral and Qwen2."""
         found = []
         if self.attn_softcap is not None:
             found.append(f"attention-logit soft-capping ({self.attn_softcap:g})")
@@ -127,7 +127,8 @@ class Block:
             found.append(f"a mixture of {self.mlp.n_experts} experts with softmax top-{self.mlp.top_k} routing")
         if self.mlp.kind == "fused":
             found.append(f"a fused {self.mlp.gate_up}")
-        for name, words in (("embed_multiplier", "an embedding multiplier"), ("residual_multiplier", "a residual multiplier"),
+        for name, words in (("embed_multiplier", "an embedding multiplier"),
+                            ("residual_multiplier", "a residual multiplier"),
                             ("logits_divisor", "a logits divisor")):
             if getattr(self, name) is not None:
                 found.append(f"{words} ({getattr(self, name):g})")
@@ -178,7 +179,8 @@ class Family:
     refused_tensors: tuple[str, ...] = ("self_attn.q_norm", "self_attn.k_norm")
     layer_prefix: str = LAYER_PREFIX
     attention_names: dict[str, str] = field(
-        default_factory=lambda: {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"}
+        default_factory=lambda: {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                                 "o": "self_attn.o_proj"}
     )
 
     # -- hooks ------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ class Granite(Family):
             value = float(config.get(key, 1.0))
             return None if value == 1.0 else value
 
-        return {"attention_scale": float(config.get("attention_multiplier", 1.0)), "embed_multiplier": get("embedding_multiplier"),
+        return {"attention_scale": float(config.get("attention_multiplier", 1.0)),
+                "embed_multiplier": get("embedding_multiplier"),
                 "residual_multiplier": get("residual_multiplier"), "logits_divisor": get("logits_scaling")}
 
 

@@ -21,9 +21,11 @@ class Phi3(Family):
     def refuse(self, config: dict[str, Any]) -> None:
         super().refuse(config)
         rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-        factor = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)) if isinstance(rope, dict) else 1.0
+        factor = (rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+                  if isinstance(rope, dict) else 1.0)
         if float(factor if factor is not None else 1.0) < 1.0:
-            raise UnsupportedError(f"config.json: partial_rotary_factor {factor} (partial RoPE) is not supported by the phi3 family")
+            raise UnsupportedError(f"config.json: partial_rotary_factor {factor} (partial RoPE) "
+                                   "is not supported by the phi3 family")
         kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
         if kind in ("longrope", "su"):
             raise UnsupportedError("config.json: 'longrope' RoPE scaling is not supported by the phi3 family "

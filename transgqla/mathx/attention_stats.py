@@ -34,7 +34,8 @@ def group_output_metric(wo: torch.Tensor, n_groups: int, head_dim: int) -> torch
     return per_head.reshape(n_groups, -1, head_dim, head_dim).sum(1)
 
 
-def source_attention_parts(x, wq, bq, wk, bk, n_heads, n_groups, head_dim, freqs, window=None, scale=None, softcap=None):
+def source_attention_parts(x, wq, bq, wk, bk, n_heads, n_groups, head_dim, freqs, window=None, scale=None,
+                           softcap=None):
     """Unrotated ``q[B,n_h,L,d]``, ``k[B,n_g,L,d]`` and source attention probabilities ``[B,n_h,L,L]``
     (softmax scale ``scale``, default ``head_dim ** -0.5``; scores soft-capped by ``softcap`` if given)."""
     b, length, _ = x.shape

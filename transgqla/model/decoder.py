@@ -101,7 +101,8 @@ class Decoder:
 
     def block(self, i: int, h: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One decoder layer: normed attention and normed MLP, both residual."""
-        a = self._attention(self.attention_input(i, h), self.attention_params(i), positions, cache, i, self.layer_geo(i))
+        a = self._attention(self.attention_input(i, h), self.attention_params(i), positions, cache, i,
+                            self.layer_geo(i))
         return self.mlp_residual(i, self.attention_residual(i, h, a))
 
     def mlp_residual(self, i: int, h: torch.Tensor) -> torch.Tensor:

@@ -111,7 +111,8 @@ def run_verify(
     dev, dt = devices.resolve_device(device), resolve_dtype(dtype)  # the one --device parser
     report = VerifyReport(str(out), info={"device": str(dev), "dtype": dtype, "sections": wanted})
 
-    if stock_export(out, report, str(dev)):  # a DeepSeek-V3 / MiMo-V2 export: export's check, engine kernels (verify/engines.py)
+    # a DeepSeek-V3 / MiMo-V2 export: export's check, engine kernels (verify/engines.py)
+    if stock_export(out, report, str(dev)):
         return report
     st = check_structure(out, full="structure" in wanted)
     for c in st.checks:

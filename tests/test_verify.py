@@ -407,7 +407,7 @@ class _LiveLoads:
     def __init__(self, monkeypatch):
         import weakref
 
-        from transgqla.verify.layerwise import LayerwiseModel
+        from transgqla.model.layerwise import LayerwiseModel
 
         self.live: dict[int, int] = {}
         self.peak = 0

@@ -24,6 +24,7 @@ from typing import Iterable
 from .. import devices
 from ..errors import InputError
 from ..model.decoder import GQLADecoder
+from ..model.layerwise import LayerwiseModel
 from ..text.pipeline import builtin_eval_text, encode, find_tokenizer, fixed_ids, read_text_flag, token_windows
 from .decode import check_decode
 from .engines import stock_export
@@ -38,7 +39,6 @@ from .fidelity import (
     open_source,
 )
 from .inputs import resolve_dtype, windows
-from .layerwise import LayerwiseModel
 from .paths import check_paths
 from .report import SECTIONS, Check, VerifyReport, skipped
 from .structure import check_structure

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from ..model.attention import PATHS, KVCache
+from ..model.layerwise import LayerwiseModel
 from ..text.pipeline import PROMPT, encode, fixed_ids
-from .layerwise import LayerwiseModel
 from .report import Check
 
 FIXED_PROMPT = 8  # fixed ids when there is no tokenizer

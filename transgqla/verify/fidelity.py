@@ -23,10 +23,10 @@ from ..errors import InputError, TransGQLAError
 from ..io import SafetensorsCheckpoint
 from ..model.attention import KVCache, attention
 from ..model.decoder import SourceDecoder
+from ..model.layerwise import LayerwiseModel
 from ..model.source_attention import gqa_attention
 from ..source_checkpoint import resolve
 from .inputs import batches, groups
-from .layerwise import LayerwiseModel
 from .report import Check, bounded, skipped
 from .token_stats import TokenStats, token_stats
 

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 
 from ..model.attention import PATHS, KVCache, attention
+from ..model.layerwise import LayerwiseModel
 from ..text.pipeline import PROMPT, encode, fixed_ids
-from .layerwise import LayerwiseModel
 from .report import Check, bounded
 
 # The same bound in float64: the reference attention takes its softmax (and RMSNorm) in float32,

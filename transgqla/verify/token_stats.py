@@ -71,7 +71,7 @@ class _Running:
 def token_stats(src, gq, x_src: torch.Tensor, x_gq: torch.Tensor, targets: torch.Tensor) -> TokenStats:
     """Statistics of rows ``x_src[n, D]`` / ``x_gq[n, D]`` (final-normed hidden states of the same
     tokens) against next-token ids ``targets[n]`` (-1: no target). ``src`` / ``gq`` provide
-    ``head_chunks(rows)`` (:class:`~transgqla.verify.layerwise.LayerwiseModel`)."""
+    ``head_chunks(rows)`` (:class:`~transgqla.model.layerwise.LayerwiseModel`)."""
     n = x_src.shape[0]
     dev = x_src.device
     targets = targets.to(dev)

@@ -4,11 +4,12 @@ network), self-generated text checked against stock transformers, mixing, and ``
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 
-from transgqla.calib import sources
+from transgqla.calib import self_text
 from transgqla.calib.sources import calibration_windows, hf_text, resolve_auto, self_generated
 from transgqla.errors import InputError
 from transgqla.text.pipeline import load_tokenizer, token_windows
@@ -98,11 +99,68 @@ def test_self_generated_text_is_seeded_and_sampled_from_the_model(source_factory
     # Every sampled token lies in the top-k of stock transformers' next-token logits for its prefix.
     with torch.no_grad():
         logits = model(tokens).logits
-    prompt_lens = [len(sources.PROMPTS[i].split()) + (bos is not None) for i in range(3)]
+    prompt_lens = [len(self_text.PROMPTS[i].split()) + (bos is not None) for i in range(3)]
     for i in range(3):
         for t in range(max(1, prompt_lens[i]), 20):
-            top = logits[i, t - 1].topk(sources.TOP_K).indices
+            top = logits[i, t - 1].topk(self_text.TOP_K).indices
             assert tokens[i, t] in top, (i, t)
+
+
+def test_self_generated_greedy_equals_stock_generate_streamed_or_resident(source_factory):
+    """``top_k=1`` is greedy decoding: the tokens after each window's opening are exactly what stock
+    transformers' ``generate`` picks, whether every layer stays resident or each is re-read per step."""
+    src, model = source_factory("llama", layers=3, hidden=64, n_heads=4, n_kv=2, head_dim=16)
+    make_tokenizer(src)
+    streamed = self_generated(src, 2, 24, top_k=1, resident_bytes=0, quiet=True)
+    resident = self_generated(src, 2, 24, top_k=1, quiet=True)
+    assert torch.equal(streamed, resident)
+    bos = json.loads((src / "config.json").read_text()).get("bos_token_id")
+    for i in range(2):
+        opening = (bos is not None) + len(self_text.PROMPTS[i].split())
+        opening = max(1, opening)
+        with torch.no_grad():
+            prefix = streamed[i:i + 1, :opening]
+            stock = model.generate(prefix, attention_mask=torch.ones_like(prefix), max_new_tokens=24 - opening,
+                                   min_new_tokens=24 - opening, do_sample=False, pad_token_id=0)
+        assert torch.equal(stock[0], streamed[i]), i
+
+
+def test_self_generation_holds_one_streamed_layer_at_a_time(source_factory, monkeypatch):
+    """Bounded memory: with no resident budget, each step reads every layer and hands it back before
+    the next is read, so one layer's weights are live at a time whatever the model size."""
+    from transgqla.model.layerwise import LayerwiseModel
+
+    src, _ = source_factory("llama", layers=3, hidden=64, n_heads=4, n_kv=2, head_dim=16)
+    make_tokenizer(src)
+    live, peak, reads = set(), [0], [0]
+    layer, recycle = LayerwiseModel.layer, LayerwiseModel.recycle
+
+    def counted_layer(self, i):
+        dec = layer(self, i)
+        live.add(id(dec))
+        reads[0] += 1
+        peak[0] = max(peak[0], len(live))
+        return dec
+
+    def counted_recycle(self, dec):
+        live.discard(id(dec))
+        recycle(self, dec)
+
+    monkeypatch.setattr(LayerwiseModel, "layer", counted_layer)
+    monkeypatch.setattr(LayerwiseModel, "recycle", counted_recycle)
+    tokens = self_generated(src, 2, 10, resident_bytes=0, quiet=True)
+    assert tokens.shape == (2, 10) and peak[0] == 1 and not live
+    assert reads[0] == 3 * 9  # the prefill of the common opening (BOS), then 8 decode steps: each reads 3 layers
+
+
+def test_self_generation_prints_plain_progress(source_factory, capsys):
+    src, _ = source_factory("llama", layers=1)
+    make_tokenizer(src)
+    capsys.readouterr()  # the fixture's own output
+    self_generated(src, 2, 12)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert 2 <= len(lines) <= 12 and all(line.startswith("transgqla: --calib self: ") for line in lines)
+    assert re.match(r"transgqla: --calib self: (\d+)/\1 steps, \d+ s$", lines[-1]), lines[-1]  # ends done
 
 
 def test_self_source_in_a_mix_records_its_seed(source_factory, tmp_path):

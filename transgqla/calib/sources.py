@@ -7,13 +7,9 @@ Why: calibration tuned to one narrow text is tuned to that text. A conversion ca
   ``.txt`` files, a ``text`` field) read from huggingface_hub's local cache. Nothing is downloaded
   here: a dataset that is not cached is one clear error (fetch it once with
   ``huggingface-cli download --repo-type dataset REPO``);
-* ``self``: text the source model writes itself, sampled from short, varied prompts (or from BOS alone)
-  with a seeded generator, so the same seed gives the same tokens. Domain-general by construction and
-  offline, but it costs a full forward of the source per generated token: :func:`self_generated`
-  runs the project's own reference decoder (:class:`~transgqla.model.decoder.SourceDecoder`, KV cache,
-  all windows as one batch) with the whole source in memory in float32 on ``device``: fine for the
-  demo (about 135M x 2 FLOPs per token), hours and 4 bytes per parameter of memory for an 8B model
-  on a CPU, so use a GPU there.
+* ``self``: text the source model writes itself (:mod:`transgqla.calib.self_text`): seeded sampling
+  from short, varied prompts, streamed layer by layer. Domain-general and offline, but it costs one
+  forward of the source per generated token: seconds to minutes for the demo on a CPU, a GPU's job at 8B.
 
 Several sources mix: the token budget is split evenly and their windows are interleaved (round
 robin), so that every source is seen by the sample windows and by refinement's held-out window.
@@ -32,16 +28,10 @@ import torch
 
 from ..errors import InputError
 from ..text.pipeline import load_tokenizer, read_sources, token_windows
+from .self_text import SEED as SELF_SEED
+from .self_text import self_generated
 
 SELF, HF, AUTO = "self", "hf:", "auto"
-SELF_SEED = 0
-# Openings for self-generated text: varied registers, so the samples do not all drift into one genre.
-PROMPTS = (
-    "", "The", "Once upon a time", "In the year", "Dear", "Chapter 1", "Q:", "Breaking news:", "The recipe calls for",
-    "According to the report,", "My favorite", "def ", "The history of", "Abstract:", "I think that", "Yesterday",
-    "How to", "The following", "Introduction", "She said", "1.", "When I was", "The theory of", "Ladies and gentlemen,",
-)
-TEMPERATURE, TOP_K = 0.9, 50
 # Dataset repositories tried by ``auto``, most general first, when they sit in the local hub cache.
 GENERAL_DATASETS = ("hf:Salesforce/wikitext:wikitext-103-raw-v1:train",
                     "hf:Salesforce/wikitext:wikitext-2-raw-v1:train", "hf:allenai/c4:en:train")
@@ -126,48 +116,6 @@ def hf_text(spec: str) -> str:
     if not text:
         raise InputError(f"dataset {repo}: split {split} holds no text")
     return text
-
-
-@torch.no_grad()
-def self_generated(model_folder: Path, n: int, seqlen: int, seed: int = SELF_SEED, device: str = "cpu") -> torch.Tensor:
-    """``[n, seqlen]`` tokens sampled from the source itself: window ``i`` starts with BOS (when the
-    config has one) and prompt ``PROMPTS[i % len]``, then continues by top-k sampling at a fixed
-    temperature with a generator seeded by ``seed``. One batch, one cached decode step per token."""
-    from ..io import SafetensorsCheckpoint
-    from ..model.decoder import SourceDecoder
-
-    config = json.loads((Path(model_folder) / "config.json").read_text())
-    tok = load_tokenizer(model_folder)
-    bos = config.get("bos_token_id")
-    bos = bos[0] if isinstance(bos, list) else bos
-    starts = []
-    for i in range(n):
-        prompt = tok.encode(PROMPTS[i % len(PROMPTS)], add_special_tokens=False).ids
-        ids = ([int(bos)] if bos is not None else []) + prompt
-        starts.append(ids[: max(1, seqlen // 2)] or [0])
-    ckpt = SafetensorsCheckpoint(Path(model_folder))
-    try:
-        tensors = {name: ckpt.read(name) for name in ckpt.names}
-    finally:
-        ckpt.close()
-    dec = SourceDecoder(config, tensors, dtype=torch.float32, device=device)
-    del tensors
-    gen = torch.Generator().manual_seed(seed)
-    out = torch.zeros(n, seqlen, dtype=torch.int64)
-    width = min(len(s) for s in starts)  # common prefill; longer prompts are forced token by token
-    for i, s in enumerate(starts):
-        out[i, : len(s)] = torch.tensor(s)
-    cache = dec.new_cache()
-    logits = dec.forward(out[:, :width], cache)[:, -1]
-    for t in range(width, seqlen):
-        probs = torch.softmax(logits.double().cpu() / TEMPERATURE, dim=-1)
-        top = probs.topk(min(TOP_K, probs.shape[-1]))
-        pick = top.indices.gather(1, torch.multinomial(top.values, 1, generator=gen))[:, 0]
-        forced = torch.tensor([t < len(s) for s in starts])
-        out[:, t] = torch.where(forced, out[:, t], pick)
-        if t + 1 < seqlen:
-            logits = dec.forward(out[:, t:t + 1], cache)[:, -1]
-    return out
 
 
 def resolve_auto(model_folder: Path) -> list[str] | None:

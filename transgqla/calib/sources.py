@@ -134,7 +134,8 @@ def resolve_auto(model_folder: Path) -> list[str] | None:
         from ..text.prose import fortune_folder
 
         chosen = ["builtin:prose-calib", "builtin:calib"] if fortune_folder().is_dir() else ["builtin:calib"]
-    print(f"transgqla: --calib auto: calibrating on {' + '.join(chosen)}", file=sys.stderr)
+    hint = "" if chosen[0].startswith(HF) else " (--calib self, the model's own text, holds better on other text)"
+    print(f"transgqla: --calib auto: calibrating on {' + '.join(chosen)}{hint}", file=sys.stderr)
     return chosen
 
 

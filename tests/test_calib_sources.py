@@ -14,6 +14,7 @@ from transgqla.calib.sources import calibration_windows, hf_text, resolve_auto, 
 from transgqla.errors import InputError
 from transgqla.text.pipeline import load_tokenizer, token_windows
 
+from helpers import run_convert
 from test_calibration import WORDS, make_tokenizer, tiny_text
 
 
@@ -170,6 +171,20 @@ def test_self_source_in_a_mix_records_its_seed(source_factory, tmp_path):
     text.write_text(" ".join(WORDS[:50] * 40))
     got = calibration_windows(["self", str(text)], src, 16, 64)
     assert got.sources == ["self:seed=0", str(text)] and got.windows.shape == (4, 16)
+
+
+def test_self_calibrated_conversion_records_the_seed_and_the_windows(source_factory, tmp_path):
+    """The calibration record names what each source resolved to (``self`` with its seed), and the hash
+    is that of the text ``self_generated`` writes, so the conversion can be reproduced."""
+    import hashlib
+
+    src, _ = source_factory("llama", layers=1, hidden=64, n_heads=4, n_kv=2, head_dim=16)
+    make_tokenizer(src)
+    run_convert(src, tmp_path / "out", calib=["self"], calib_tokens=64, calib_seqlen=16, kv_lora_rank=16, refine=0)
+    calib = json.loads((tmp_path / "out" / "config.json").read_text())["gqla"]["conversion"]["calibration"]
+    tokens = self_generated(src, 4, 16, quiet=True)
+    assert calib["text_sources"] == ["self:seed=0"] and calib["windows"] == [4, 16]
+    assert calib["windows_sha256"] == hashlib.sha256(tokens.numpy().astype("<i8").tobytes()).hexdigest()
 
 
 def test_auto_prefers_a_cached_general_dataset_then_the_builtin_mix(source_factory, hub_cache, capsys, monkeypatch,

@@ -123,6 +123,7 @@ class ConversionPlan:
     math_threads: int = DEFAULT_MATH_THREADS  # torch threads for the per-layer math
     layer_workers: int = DATA_FREE_WORKERS  # background threads for the per-layer math
     notes: list[str] = field(default_factory=list)  # what the user should know before it runs (CLI: warnings)
+    calib_sources: list[str] | None = None  # what each --calib resolved to (self with its seed), for the record
 
     @property
     def output_bytes(self) -> int:
@@ -197,11 +198,12 @@ def plan_conversion(request: ConvertRequest) -> ConversionPlan:
         refine=request.refine,
         kv_budget=request.kv_budget,
     )
-    windows = None
+    windows, calib_sources = None, None
     if calib:
         from .calib.sources import calibration_windows
 
-        windows = calibration_windows(calib, path, request.calib_seqlen, request.calib_tokens, request.device).windows
+        calib_set = calibration_windows(calib, path, request.calib_seqlen, request.calib_tokens, request.device)
+        windows, calib_sources = calib_set.windows, calib_set.sources
     if settings.split_candidates:  # --qk-rope-dim auto: the output shapes wait for the split search
         from .calib.split_search import choose_split
         from .settings import with_split
@@ -222,7 +224,7 @@ def plan_conversion(request: ConvertRequest) -> ConversionPlan:
     if request.max_shard_bytes <= 0:
         raise InputError(f"--max-shard-size must be positive, got {request.max_shard_bytes} bytes")
     return ConversionPlan(request, path, identity, config, geo, settings, ckpt, outputs, converted, copied, windows,
-                          _math_threads_setting(), _layer_workers(windows is not None), notes)
+                          _math_threads_setting(), _layer_workers(windows is not None), notes, calib_sources)
 
 
 def _env_count(name: str, default: int, minimum: int) -> int:
@@ -312,7 +314,7 @@ def _calibration_record(plan: ConversionPlan) -> dict[str, Any] | None:
         return None
     from .text.pipeline import windows_record
 
-    return windows_record(plan.windows, plan.settings.calib.split(","))
+    return windows_record(plan.windows, plan.calib_sources or plan.settings.calib.split(","))
 
 
 def _cast_converter(convert_layer, out_dtype: torch.dtype):

@@ -9,18 +9,17 @@ Two offline text domains, each split into disjoint calibration and evaluation ha
 * ``docs``: CPython's documentation (``builtin:calib`` / ``builtin:eval``, transgqla/text/docs.py);
 * ``prose``: general English, Debian's fortunes (``builtin:prose-calib`` / ``builtin:prose-eval``,
   transgqla/prose.py; ``apt-get install fortunes``).
-Every conversion is calibrated on a choice of texts (``CALIB``) and evaluated on both domains: a domain
-whose calibration half it has not seen gives a cross-domain figure, one it has seen the in-domain
-figure. ``self`` (``--calib self``, the model's own text) has seen neither, ``docs+self`` and
-``prose+self`` one, ``mixed`` (both built-in texts, as ``--calib auto`` picks offline) both. With a
-``self`` choice, what generating the text costs is measured once, beside F. A variant is a method (``transmla``, ``gqla``)
-with optional ``+refineN`` (``--refine N``) and ``+auto`` (``--kv-budget r+d_R --qk-rope-dim auto``: the
-split of the budget searched; the row records the split chosen). Each conversion runs in its own process
-(wall time and peak RSS are that process's); perplexity uses non-overlapping 512-token windows
-(``transgqla eval-ppl``). F, the cost of one calibration forward pass (what refinement may add at
-most), is measured in this process on the same tokens, one thread as the converter's layer math.
-Wall and CPU seconds are both recorded: on a machine shared with other work, CPU seconds are the
-figure to compare.
+Every conversion is calibrated on a choice of texts (``CALIB``) and evaluated on both domains: a domain whose
+calibration half it has not seen gives a cross-domain figure, one it has seen the in-domain figure. ``self``
+(``--calib self``, the model's own text) has seen neither, ``docs+self`` and ``prose+self`` one, ``mixed``
+(both built-in texts, as ``--calib auto`` picks offline) both. With a ``self`` choice, what generating the
+text costs is measured once, beside F. A variant is a method (``transmla``, ``gqla``) with optional
+``+refineN`` (``--refine N``) and ``+auto`` (``--kv-budget r+d_R --qk-rope-dim auto``: the split of the budget
+searched; the row records the split chosen). Each conversion runs in its own process (wall time and peak RSS
+are that process's); perplexity uses non-overlapping 512-token windows (``transgqla eval-ppl``). F, the cost
+of one calibration forward pass (what refinement may add at most), is measured in this process on the same
+tokens, one thread as the converter's layer math. Wall and CPU seconds are both recorded: on a machine shared
+with other work, CPU seconds are the figure to compare.
 Rows are written to the JSON file as they finish, so an interrupted run keeps what it measured.
 """
 
@@ -59,10 +58,22 @@ def run_measured(cmd: list[str]) -> tuple[dict, float, int, float]:
     return json.loads(out), wall, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
 
 
-def forward_seconds(calib_text: str, tokens: int) -> tuple[float, float]:
-    """F: one layer-by-layer calibration forward pass of the source over the calibration windows."""
+def _one_thread_seconds(work) -> tuple[float, float]:
+    """Wall and CPU seconds of ``work()`` on one torch thread, as the converter's layer math runs."""
     import torch
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start, cpu = time.perf_counter(), time.process_time()
+        work()
+        return time.perf_counter() - start, time.process_time() - cpu
+    finally:
+        torch.set_num_threads(threads)
+
+
+def forward_seconds(calib_text: str, tokens: int) -> tuple[float, float]:
+    """F: one layer-by-layer calibration forward pass of the source over the calibration windows."""
     from transgqla.calib.runner import LayerwiseCalibration
     from transgqla.demo import materialize_demo
     from transgqla.io import SafetensorsCheckpoint
@@ -71,34 +82,21 @@ def forward_seconds(calib_text: str, tokens: int) -> tuple[float, float]:
     folder = materialize_demo()
     config = json.loads((folder / "config.json").read_text())
     windows = token_windows(read_sources([calib_text]), load_tokenizer(folder), 512, tokens)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        start, cpu = time.perf_counter(), time.process_time()
+
+    def forward() -> None:
         runner = LayerwiseCalibration(SafetensorsCheckpoint(folder), config, windows)
         for layer in range(int(config["num_hidden_layers"])):
             runner.advance(layer)
-        return time.perf_counter() - start, time.process_time() - cpu
-    finally:
-        torch.set_num_threads(threads)
+    return _one_thread_seconds(forward)
 
 
 def generation_seconds(tokens: int) -> tuple[float, float]:
     """What ``--calib self`` costs: the source writing ``tokens`` tokens of 512-token windows, one thread."""
-    import torch
-
     from transgqla.calib.self_text import self_generated
     from transgqla.demo import materialize_demo
 
     folder = materialize_demo()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        start, cpu = time.perf_counter(), time.process_time()
-        self_generated(folder, max(1, tokens // 512), 512, quiet=True)
-        return time.perf_counter() - start, time.process_time() - cpu
-    finally:
-        torch.set_num_threads(threads)
+    return _one_thread_seconds(lambda: self_generated(folder, max(1, tokens // 512), 512, quiet=True))
 
 
 def markdown_table(result: dict) -> str:
@@ -152,7 +150,8 @@ def main() -> None:
         if any("self" in CALIB[c][0] for c in args.calib_domains.split(",")):
             wall, cpu = generation_seconds(args.calib_tokens)
             result["self_generation"] = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
-                                         "tokens": args.calib_tokens, "cpu_per_F": round(cpu / result["forward_pass"]["cpu_s"], 2)}
+                                         "tokens": args.calib_tokens,
+                                         "cpu_per_F": round(cpu / result["forward_pass"]["cpu_s"], 2)}
             print(f"--calib self, {args.calib_tokens} tokens: {result['self_generation']}", flush=True)
 
     def save() -> None:

@@ -314,7 +314,7 @@ def _calibration_record(plan: ConversionPlan) -> dict[str, Any] | None:
         return None
     from .text.pipeline import windows_record
 
-    return windows_record(plan.windows, plan.calib_sources or plan.settings.calib.split(","))
+    return windows_record(plan.windows, plan.calib_sources)
 
 
 def _cast_converter(convert_layer, out_dtype: torch.dtype):

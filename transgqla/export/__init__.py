@@ -206,6 +206,7 @@ def run_export(req: ExportRequest) -> ExportResult:
                               tokens_required=tokens_must_match(src.dtype, rerounded), mode=req.check)
         committed = False
         if check.ok:
+            _write_card(staged.path, ExportResult(req, False, check, details, warnings).summary())
             staged.commit()
             committed = True
         return ExportResult(req, committed, check, details, warnings, time.perf_counter() - start)
@@ -213,6 +214,19 @@ def run_export(req: ExportRequest) -> ExportResult:
         src.close()
         if staged is not None and not staged.committed:
             shutil.rmtree(staged.path, ignore_errors=True)
+
+
+def _write_card(folder: Path, summary: dict[str, Any]) -> None:
+    """The model card (:mod:`transgqla.model_card`), listed in the manifest beside the other files."""
+    import json
+
+    from ..format import json_bytes
+    from ..model_card import CARD, export_card, write_card
+
+    digest = write_card(folder, export_card(_read_json(folder / "config.json"), summary))
+    doc = json.loads((folder / MANIFEST).read_text())
+    doc["files"] = dict(sorted({**doc["files"], CARD: digest}.items()))
+    (folder / MANIFEST).write_bytes(json_bytes(doc))
 
 
 def export(req: ExportRequest) -> ExportResult:

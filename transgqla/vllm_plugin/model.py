@@ -88,6 +88,10 @@ class GQLAAttention(nn.Module):
         if n_h % tp or (self.path == "gqa" and n_g % tp):
             groups = f" and the {n_g} KV groups (the gqa path shards by group)" if self.path == "gqa" else ""
             raise ValueError(f"transgqla: tensor parallelism {tp} must divide the {n_h} query heads{groups}")
+        if self.path == "absorb" and not torch.cuda.is_available() and (self.rank, self.d_rope) != (512, 64):
+            raise ValueError(f"transgqla: vLLM's CPU MLA kernel takes r + d_R = 512 + 64 only, this checkpoint has "
+                             f"{self.rank} + {self.d_rope}: serve it with hf_overrides gqla_decode_path 'gqa' (or "
+                             "'auto'), or export --path absorb --format deepseek --kernel-shape 512+64")
         self.n_heads, self.n_groups, self.m = n_h // tp, n_g // tp, n_h // n_g
         dq = self.d_nope + self.d_rope
         scale = dq**-0.5

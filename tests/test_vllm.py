@@ -44,6 +44,11 @@ pytestmark = pytest.mark.skipif(not VLLM_PYTHON or not Path(VLLM_PYTHON).is_file
                                        "0.32 and transgqla installed (.ci/run builds one; README 'Serving')")
 REPO = Path(__file__).resolve().parents[1]
 LOGPROB_BOUND = 1e-3
+#: A bfloat16 export whose tensors are rewritten products (the demo's DeepSeek and MiMo forms) differs from OUT by
+#: their re-rounding: the export's own check measures 2.5e-3 / 6.8e-3 relative logit error on the demo, which on
+#: logits of 20-30 is up to ~0.1 in logprob (measured 0.082 / 0.077). Against the GQLA reference those runs get this
+#: bound (and must still give its greedy tokens); against transformers on the same folder, LOGPROB_BOUND.
+REROUNDED_BOUND = 0.15
 KV_BYTES = 64 * 1024**2  # the KV cache of every run: capacities compare at the same memory
 ROPE_WORKAROUND = {"custom_ops": ["all", "-rotary_embedding"]}
 PROMPT_8B = [1, 5, 9, 33, 12, 7, 80, 3, 41, 2]
@@ -82,9 +87,9 @@ def served(tmp_path_factory):
         dmimo = _export(dout, root / "demo-mimo", path="gqa", format="mimo", equal_kv=True)
         prompt = encode(find_tokenizer(dout), PROMPT, 49152)[:24]
         cases.update({
-            "deepseek-512+64-demo": dict(model=dds, stock=dds, out=dout, path="absorb",
+            "deepseek-512+64-demo": dict(model=dds, stock=dds, out=dout, path="absorb", rerounded=True,
                                          compilation_config=ROPE_WORKAROUND),
-            "mimo-equal-kv-demo": dict(model=dmimo, stock=dmimo, out=dout, path="gqa"),
+            "mimo-equal-kv-demo": dict(model=dmimo, stock=dmimo, out=dout, path="gqa", rerounded=True),
             "plugin-gqa-demo": dict(model=dout, remote=dout, out=dout, path="gqa", override="gqa"),
         })
         for name in ("deepseek-512+64-demo", "mimo-equal-kv-demo", "plugin-gqa-demo"):
@@ -155,7 +160,7 @@ def test_vllm_agrees_with_transformers_and_the_reference(served, name):
         assert ref.generate(torch.tensor([prompt]), TOKENS, case["path"])[0, len(prompt):].tolist() == tokens
         lp = _logprobs(lambda s: ref.forward(s, ref.new_cache(case["path"])), prompt, tokens)
         figures["reference"] = _worst(result, lp)
-        assert figures["reference"] <= LOGPROB_BOUND
+        assert figures["reference"] <= (REROUNDED_BOUND if case.get("rerounded") else LOGPROB_BOUND)
     print(f"{name}: {TOKENS} greedy tokens equal; max |logprob diff| {figures}; "
           f"KV cache {result['kv_cache_tokens']} tokens (use_mla {result['use_mla']})")
 

@@ -11,7 +11,8 @@ A job: ``{"runs": [RUN, ...]}``; a RUN: ``name``, ``model`` (a folder), and opti
 for every run so that capacities compare; default: ``gpu_memory_utilization`` 0.05), ``tensor_parallel_size``,
 ``prompts`` (lists of token ids; the checkpoints may have no tokenizer), ``max_tokens`` (16), ``logprobs`` (5),
 ``compilation_config`` (e.g. ``{"custom_ops": ["-rotary_embedding"]}``), ``bench`` (``{"prompt_len": L,
-"batches": [1, N], "decode_tokens": K}``: prefill and decode tokens/s).
+"batches": [1, N], "decode_tokens": K}``: prefill and decode tokens/s), ``llm_kwargs`` (passed to ``LLM``:
+``speculative_config``, ``attention_config``...), ``env`` (variables set before the engine starts).
 
 Result per run: ``tokens`` (greedy, per prompt), ``logprobs`` (per generated token, ``{id: logprob}`` of the top
 ones, raw: before any sampling processing), ``kv_cache_tokens`` and ``max_concurrency`` as vLLM states them
@@ -74,6 +75,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     for key in ("hf_overrides", "compilation_config"):
         if spec.get(key):
             kwargs[key] = spec[key]
+    kwargs.update(spec.get("llm_kwargs") or {})  # e.g. speculative_config (s_q = 2), attention_config (a kernel)
+    os.environ.update({k: str(v) for k, v in (spec.get("env") or {}).items()})
     llm = None
     try:
         llm = LLM(**kwargs)

@@ -87,7 +87,7 @@ def variants(src: Path, out: Path, made: dict[str, Path], small_latent: bool) ->
             {"name": "export deepseek" + (" --kernel-shape 512+64" if small_latent else ""),
              "model": str(made["deepseek"]), "compilation_config": ROPE_WORKAROUND},
             {"name": "export mimo --equal-kv", "model": str(made["mimo-equal-kv"])},
-            {"name": "export mimo (K != V)", "model": str(made["mimo"])},
+            {"name": "export mimo (K != V)", "model": str(made["mimo"]), "isolate": True},
             {"name": "plugin gqa", "model": str(out), "hf_overrides": {"gqla_decode_path": "gqa"}},
             {"name": "plugin absorb", "model": str(out), "hf_overrides": {"gqla_decode_path": "absorb"}},
             {"name": "plugin auto", "model": str(out), "hf_overrides": {"gqla_decode_path": "auto"}}]

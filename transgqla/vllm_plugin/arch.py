@@ -31,11 +31,11 @@ def _device() -> tuple[str, str | None]:
     return "cpu", None
 
 
-def serving_path(hf_config: Any, tp: int = 1) -> str:
+def serving_path(hf_config: Any) -> str:
     """The decode path vLLM serves ``hf_config`` on (:func:`transgqla.serving.resolve_path`), logged once."""
     cfg = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
     device, gpu = _device()
-    path, why = resolve_path(cfg, device, gpu, tp=tp)
+    path, why = resolve_path(cfg, device, gpu)
     if (path, why) not in _LOGGED:
         from vllm.logger import init_logger
 

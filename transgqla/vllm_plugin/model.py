@@ -50,18 +50,28 @@ from .arch import serving_path
 EQUAL_KV_KEY = "gqla_equal_kv"
 
 
-class InterleavedRope(nn.Module):
-    """RoPE on interleaved pairs ``(2p, 2p+1)`` of ``x[..., d_R]`` at the checkpoint's frequencies.
+_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    cos/sin tables ``[max_positions, d_R/2]`` are computed once from float64 angles and stored in the model
-    dtype (as the GQLA reference decoder computes them)."""
+
+def rope_tables(inv_freq: torch.Tensor, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin ``[max_positions, d_R/2]`` from float64 angles, in the default dtype; one pair per model, shared
+    by every layer (a Llama-3 context of 131072 positions is 17 MB per table, not per layer)."""
+    key = (tuple(inv_freq.tolist()), max_positions, torch.get_default_dtype())
+    if key not in _TABLES:
+        angles = torch.arange(max_positions, dtype=torch.float64)[:, None] * inv_freq.to(torch.float64)[None, :]
+        _TABLES[key] = (angles.cos().to(key[2]), angles.sin().to(key[2]))
+    return _TABLES[key]
+
+
+class InterleavedRope(nn.Module):
+    """RoPE on interleaved pairs ``(2p, 2p+1)`` of ``x[..., d_R]`` at the checkpoint's frequencies (the GQLA
+    reference decoder's numbers: float64 angles, cos/sin rounded to the model dtype)."""
 
     def __init__(self, inv_freq: torch.Tensor, max_positions: int):
         super().__init__()
-        angles = torch.arange(max_positions, dtype=torch.float64)[:, None] * inv_freq.to(torch.float64)[None, :]
-        dtype = torch.get_default_dtype()
-        self.register_buffer("cos", angles.cos().to(dtype), persistent=False)
-        self.register_buffer("sin", angles.sin().to(dtype), persistent=False)
+        cos, sin = rope_tables(inv_freq, max_positions)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``[T, heads, d_R]``; ``positions``: ``[T]``."""
@@ -81,7 +91,7 @@ class GQLAAttention(nn.Module):
         super().__init__()
         tp, self.rank_id = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
         layer = extract_layer_index(prefix)
-        self.path = serving_path(config, tp)
+        self.path = serving_path(config)  # as the arch convertor decided (it cannot see the TP size)
         n_h, n_g = config.num_attention_heads, config.num_key_value_heads
         self.d_nope, self.d_rope, self.d_v = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
         self.rank = config.kv_lora_rank
@@ -102,7 +112,8 @@ class GQLAAttention(nn.Module):
                                                    quant_config=quant_config, prefix=f"{prefix}.kv_a_proj_with_mqa")
         self.o_proj = RowParallelLinear(n_h * self.d_v, hidden_size, bias=config.has_o_proj_bias(),
                                         quant_config=quant_config, prefix=f"{prefix}.o_proj")
-        self.rotary = InterleavedRope(config.rope_inv_freq, max(int(config.max_position_embeddings), 1))
+        positions = config.max_position_embeddings if vllm_config is None else vllm_config.model_config.max_model_len
+        self.rotary = InterleavedRope(config.rope_inv_freq, max(int(positions), 1))
         if self.path == "absorb":
             self.kv_b_proj = ColumnParallelLinear(self.rank, n_h * (self.d_nope + self.d_v), bias=False,
                                                   quant_config=quant_config, prefix=f"{prefix}.kv_b_proj")

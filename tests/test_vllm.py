@@ -79,6 +79,8 @@ def served(tmp_path_factory):
         "plugin-gqa-8b": dict(model=out, remote=out, out=out, path="gqa", override="gqa"),
         "plugin-auto-8b": dict(model=out, out=out, path="absorb", override="auto"),
     }
+    for path in ("absorb", "gqa"):  # tensor parallelism 2: one rank per core (vLLM's CPU build binds them by hand)
+        cases[f"plugin-{path}-tp2-8b"] = dict(model=out, out=out, path=path, override=path, tp=2)
     qsrc, qout = root / "src-qwen2", root / "out-qwen2"  # q/k/v biases: kv_b_proj's value bias on the absorb path
     make_source(qsrc, "qwen2", n_kv=4, n_heads=8, head_dim=128, hidden=512, shard_size="4MB")
     run_convert(qsrc, qout, kv_lora_rank=512, qk_rope_dim=64)
@@ -110,6 +112,8 @@ def served(tmp_path_factory):
             run["hf_overrides"] = {"gqla_decode_path": c["override"]}
         if c.get("compilation_config"):
             run["compilation_config"] = c["compilation_config"]
+        if c.get("tp"):
+            run.update(tensor_parallel_size=c["tp"], isolate=True, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
         runs.append(run)
     job, result, log = root / "job.json", root / "result.json", root / "vllm.log"
     job.write_text(json.dumps({"runs": runs}))
@@ -143,7 +147,8 @@ def _stock(folder: Path, **kw):
 
 
 CASES = ["source-8b", "deepseek-8b", "mimo-equal-kv-8b", "plugin-absorb-8b", "plugin-gqa-8b", "plugin-auto-8b",
-         "plugin-absorb-qwen2", "plugin-gqa-qwen2", "deepseek-512+64-demo", "mimo-equal-kv-demo", "plugin-gqa-demo"]
+         "plugin-absorb-tp2-8b", "plugin-gqa-tp2-8b", "plugin-absorb-qwen2", "plugin-gqa-qwen2",
+         "deepseek-512+64-demo", "mimo-equal-kv-demo", "plugin-gqa-demo"]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -181,6 +186,9 @@ def test_kv_capacity_as_vllm_states_it(served):
     assert tokens["plugin-absorb-8b"] == tokens["deepseek-8b"]
     assert tokens["mimo-equal-kv-8b"] / src == pytest.approx(1024 / 1536, rel=0.02)  # 2 n_g (d_nope + d_R)
     assert tokens["plugin-gqa-8b"] == tokens["mimo-equal-kv-8b"]
+    # per rank, at the same memory per rank: the gqa cache splits by group (2 of 4 groups each), absorb replicates
+    assert tokens["plugin-gqa-tp2-8b"] / tokens["plugin-gqa-8b"] == pytest.approx(2, rel=0.02)
+    assert tokens["plugin-absorb-tp2-8b"] == tokens["plugin-absorb-8b"]
     print("KV cache tokens at", KV_BYTES, "bytes:", tokens)
 
 

@@ -115,9 +115,12 @@ def _isolated(spec: dict[str, Any], out_path: str) -> dict[str, Any]:
     import subprocess
 
     one_job, one_out = out_path + ".one.json", out_path + ".one.out.json"
+    if os.path.exists(one_out):
+        os.remove(one_out)
     with open(one_job, "w") as fh:
         json.dump({"runs": [{**spec, "isolate": False}]}, fh)
-    subprocess.run([sys.executable, "-m", "transgqla.vllm_plugin.run", one_job, one_out], check=False)
+    subprocess.run([sys.executable, "-m", "transgqla.vllm_plugin.run", one_job, one_out], check=False,
+                   start_new_session=True)  # its shutdown signals its process group, not this one
     try:
         with open(one_out) as fh:
             return json.load(fh)["runs"][0]
@@ -130,11 +133,11 @@ def main(argv: list[str]) -> int:
     job = json.loads(open(job_path).read())
     results = []
     for spec in job["runs"]:
-        if spec.get("isolate") and len(job["runs"]) > 1:  # may fail mid-run: its own process keeps the others clean
-            results.append(_isolated(spec, out_path))
-            continue
         try:
-            results.append(run_one(spec))
+            if spec.get("isolate") and len(job["runs"]) > 1:  # may fail mid-run: its own process keeps the rest clean
+                results.append(_isolated(spec, out_path))
+            else:
+                results.append(run_one(spec))
         except Exception as exc:  # the finding is the error: record its first line, go on with the next run
             traceback.print_exc()
             lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()] or [type(exc).__name__]

@@ -58,7 +58,12 @@ def export_table(s: dict[str, Any]) -> Table:
     table.add_row("from", s["out"])
     table.add_row("tensors / bytes written", f"{s['tensors_written']} / {s['bytes_written'] / 1e6:.1f} MB"
                   + (" (byte-identical)" if s.get("tensors_byte_identical") else ""))
-    table.add_row("KV cache / token / layer", str(s["cache_values_per_token"]))
+    cache = str(s["cache_values_per_token"])
+    unpadded = (s.get("kernel_padding") or {}).get("cache_values_per_token_unpadded") or (
+        s.get("cache_values_per_token_unpadded") if s.get("equal_kv") else None)
+    if unpadded:
+        cache += f" (zero-padded; {unpadded} unpadded)"
+    table.add_row("KV cache / token / layer", cache)
     if "latent_norm" in s:
         ln = s["latent_norm"]
         table.add_row("target", s.get("target", ""))
@@ -113,6 +118,14 @@ def register(app: typer.Typer) -> None:
             False, "--q-lora-bias",
             help="With --format deepseek --target transformers: carry a query bias (Qwen2) exactly through q_lora_rank "
                  "= hidden_size + 1 instead of refusing."),
+        equal_kv: bool = typer.Option(
+            False, "--equal-kv",
+            help="With --format mimo: V zero-padded to the key's head size, so engines run their ordinary attention "
+                 "(exact; cache 2 n_g (d_nope + d_R) instead of n_g (d_nope + d_R + d_v))."),
+        kernel_shape: Optional[str] = typer.Option(
+            None, "--kernel-shape",
+            help="With --format deepseek: zero-pad the latent and the RoPE key to a kernel's R+DR (e.g. 512+64, the "
+                 "shape vLLM's CPU MLA kernel and FlashMLA take); exact, costs cache; unreachable shapes refused."),
         force: Force = False,
         device: Device = "auto",
         check: str = typer.Option(
@@ -135,7 +148,7 @@ def register(app: typer.Typer) -> None:
             request = ExportRequest(out_dir, dst_dir, path=path, format=fmt, fold_kv=fold_kv, target=target,
                                     query_bias_lora=q_lora_bias, check=check, force=force, device=device_name(device),
                                     tolerance=tol, max_shard_bytes=parse_size(max_shard_size),
-                                    outtype=outtype)
+                                    outtype=outtype, equal_kv=equal_kv, kernel_shape=kernel_shape)
             result = run_export(request)
         except TransGQLAError as exc:
             fail(exc, as_json)

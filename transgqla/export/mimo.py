@@ -23,7 +23,15 @@ written: transformers' (``layer_types``, ``mlp_layer_types``, ``rope_parameters`
 the hub's that vLLM reads (``hybrid_layer_pattern``, ``moe_layer_freq``, ``rope_theta``,
 ``partial_rotary_factor``, ``layernorm_epsilon``; no legacy ``rope_scaling``, which transformers' MiMo config
 rejects next to layer-typed ``rope_parameters`` and vLLM's MiMo ignores). KV cache: ``n_g (d_nope + d_R + d_v)`` values per token
-per layer. What the carrier cannot express is said in the warnings: a sliding window (MiMo's sliding
+per layer.
+
+``--equal-kv`` writes V zero-padded to the key's head size (``v_head_dim = head_dim = d_nope + d_R``): per group
+``d_nope + d_R - d_v`` zero rows after ``v_proj``'s ``d_v`` rows, and in ``o_proj`` the same number of zero
+columns after each head's ``d_v`` columns. The padded value dims are zero in every token, so the attention
+output's extra dims are zero and ``o_proj`` ignores them: exact (no value is re-rounded beyond the unpadded
+form). Engines then take their ordinary attention (equal K/V head sizes; vLLM's diff-KV backend is Triton-only
+and fails on CPU), at a cache of ``2 n_g (d_nope + d_R)`` values per token per layer instead of ``n_g (d_nope +
+d_R + d_v)``. What the carrier cannot express is said in the warnings: a sliding window (MiMo's sliding
 layers add attention sinks and double the KV heads; the export attends to the full context) and, in vLLM
 only, RoPE scaling (its MiMo attention applies plain RoPE).
 """
@@ -50,6 +58,7 @@ _PASS_THROUGH = re.compile(
     r"model\.layers\.\d+\.mlp\.(gate_proj|up_proj|down_proj)\.weight|"
     r"model\.layers\.\d+\.self_attn\.o_proj\.weight)$"
 )
+_O_PROJ = re.compile(r"^model\.layers\.\d+\.self_attn\.o_proj\.weight$")
 _REPLACED = re.compile(r"^model\.layers\.\d+\.self_attn\.(q_proj|kv_a_proj_with_mqa|kv_b_proj)\.(weight|bias)$")
 ANGLE_TOLERANCE = 0.1  # rad: a RoPE angle off by this much is a different position
 
@@ -62,8 +71,38 @@ def rope_first(w: torch.Tensor, n: int, d_nope: int, d_rope: int) -> torch.Tenso
     return torch.cat((rope, blocks[:, :d_nope]), dim=1).reshape(w.shape)
 
 
-def mimo_layer(src: GQLACheckpoint, layer: int, with_bias: bool) -> dict[str, torch.Tensor]:
-    """q/k/v projections of one layer in float64 (names relative to ``self_attn.``)."""
+def value_head_dim(src: GQLACheckpoint, equal_kv: bool) -> int:
+    """The exported ``v_head_dim``: GQLA's ``d_v``, or the key's ``d_nope + d_R`` with ``--equal-kv``."""
+    return src.geo.d_nope + src.geo.d_rope if equal_kv else src.geo.d_v
+
+
+def pad_values(v: torch.Tensor, n: int, d_v: int, d_out: int) -> torch.Tensor:
+    """Rows ``[n d_v, ...]`` -> ``[n d_out, ...]``: per head, its ``d_v`` rows then ``d_out - d_v`` zero rows."""
+    blocks = v.reshape(n, d_v, *v.shape[1:])
+    zeros = blocks.new_zeros(n, d_out - d_v, *v.shape[1:])
+    return torch.cat((blocks, zeros), dim=1).reshape(n * d_out, *v.shape[1:])
+
+
+def padded_o_proj(src: GQLACheckpoint, layer: int, d_out: int) -> torch.Tensor:
+    """``o_proj`` ``[D, n_h d_v]`` -> ``[D, n_h d_out]`` with zero columns after each head's (bytes kept)."""
+    w = src.ckpt.read(src.attn(layer, "o_proj.weight"))
+    return pad_values(w.T.contiguous(), src.geo.n_heads, src.geo.d_v, d_out).T.contiguous()
+
+
+def mimo_layer(src: GQLACheckpoint, layer: int, with_bias: bool, equal_kv: bool = False) -> dict[str, torch.Tensor]:
+    """q/k/v projections of one layer in float64 (names relative to ``self_attn.``); with ``equal_kv`` the
+    values zero-padded to the key's head size (and ``o_proj``, in the checkpoint dtype, padded to match)."""
+    out = _qkv(src, layer, with_bias)
+    if equal_kv:
+        geo, d_out = src.geo, value_head_dim(src, True)
+        out["v_proj.weight"] = pad_values(out["v_proj.weight"], geo.n_groups, geo.d_v, d_out)
+        if "v_proj.bias" in out:
+            out["v_proj.bias"] = pad_values(out["v_proj.bias"], geo.n_groups, geo.d_v, d_out)
+        out["o_proj.weight"] = padded_o_proj(src, layer, d_out)
+    return out
+
+
+def _qkv(src: GQLACheckpoint, layer: int, with_bias: bool) -> dict[str, torch.Tensor]:
     geo = src.geo
     folded = fold_layer(src, layer)  # k: per group [W_UK_g W_DKV ; W_KR], v: per group W_UV_g W_DKV
     out = {
@@ -145,7 +184,7 @@ def rotary_factor(head_dim: int, d_rope: int) -> float:
     return exact if int(head_dim * exact) == d_rope else (d_rope + 0.5) / head_dim
 
 
-def mimo_config(src: GQLACheckpoint, info: dict[str, Any], with_bias: bool) -> dict[str, Any]:
+def mimo_config(src: GQLACheckpoint, info: dict[str, Any], with_bias: bool, equal_kv: bool = False) -> dict[str, Any]:
     geo, cfg = src.geo, src.config
     head_dim = geo.d_nope + geo.d_rope
     factor = rotary_factor(head_dim, geo.d_rope)
@@ -161,7 +200,7 @@ def mimo_config(src: GQLACheckpoint, info: dict[str, Any], with_bias: bool) -> d
         "num_attention_heads": geo.n_heads,
         "num_key_value_heads": geo.n_groups,
         "head_dim": head_dim,
-        "v_head_dim": geo.d_v,
+        "v_head_dim": value_head_dim(src, equal_kv),
         "attention_value_scale": 1.0,
         "attention_bias": with_bias,
         "attention_dropout": 0.0,
@@ -185,25 +224,40 @@ def mimo_config(src: GQLACheckpoint, info: dict[str, Any], with_bias: bool) -> d
     }
 
 
-def write_mimo(src: GQLACheckpoint, folder: Path, max_shard_bytes: int, warnings: list[str]) -> dict[str, Any]:
+def mimo_cache_values(src: GQLACheckpoint, equal_kv: bool) -> int:
+    """KV-cache values per token per layer: ``n_g (d_nope + d_R + d_v)``, or ``2 n_g (d_nope + d_R)`` padded."""
+    geo = src.geo
+    return geo.n_groups * (geo.d_nope + geo.d_rope + value_head_dim(src, equal_kv))
+
+
+def write_mimo(src: GQLACheckpoint, folder: Path, max_shard_bytes: int, warnings: list[str],
+               equal_kv: bool = False) -> dict[str, Any]:
     geo, dtype = src.geo, src.dtype
     tdt = to_torch_dtype(dtype)
     with_bias = _has_bias(src)
-    dq = geo.d_nope + geo.d_rope
+    dq, dv = geo.d_nope + geo.d_rope, value_head_dim(src, equal_kv)
     shapes = {"q_proj.weight": (geo.n_heads * dq, geo.hidden), "k_proj.weight": (geo.n_groups * dq, geo.hidden),
-              "v_proj.weight": (geo.n_groups * geo.d_v, geo.hidden)}
+              "v_proj.weight": (geo.n_groups * dv, geo.hidden)}
     if with_bias:
-        shapes.update({"q_proj.bias": (geo.n_heads * dq,), "k_proj.bias": (geo.n_groups * dq,), "v_proj.bias": (geo.n_groups * geo.d_v,)})
-    specs, computed, aliases = plan_rewritten(src, lambda n: bool(_PASS_THROUGH.match(n)), shapes, dtype)
+        shapes.update({"q_proj.bias": (geo.n_heads * dq,), "k_proj.bias": (geo.n_groups * dq,),
+                       "v_proj.bias": (geo.n_groups * dv,)})
+    if equal_kv:
+        shapes["o_proj.weight"] = (geo.hidden, geo.n_heads * dv)
+    keep = (lambda n: bool(_PASS_THROUGH.match(n)) and not (equal_kv and _O_PROJ.match(n)))  # noqa: E731
+    specs, computed, aliases = plan_rewritten(src, keep, shapes, dtype)
 
     def compute(layer: int) -> dict[str, torch.Tensor]:
-        return {src.attn(layer, k): v.to(tdt).contiguous() for k, v in mimo_layer(src, layer, with_bias).items()}
+        tensors = mimo_layer(src, layer, with_bias, equal_kv)
+        return {src.attn(layer, k): v.to(tdt).contiguous() for k, v in tensors.items()}
 
     files = write_planned(src, folder, specs, computed, compute, max_shard_bytes, aliases=aliases)
-    cache = geo.cache_values_per_token("gqa")
+    cache = mimo_cache_values(src, equal_kv)
     info = export_info(src, format="mimo", path="gqa", folded=True, warnings=warnings, cache_values_per_token=cache,
-                       head_dim=dq, partial_rotary_factor=rotary_factor(dq, geo.d_rope))
-    finish(src, folder, mimo_config(src, info, with_bias), files, remote_code=False,
+                       head_dim=dq, v_head_dim=dv, equal_kv=equal_kv,
+                       partial_rotary_factor=rotary_factor(dq, geo.d_rope))
+    finish(src, folder, mimo_config(src, info, with_bias, equal_kv), files, remote_code=False,
            export_info={k: v for k, v in info.items() if k != "warnings"})
     return {"tensors_written": len(specs), "bytes_written": sum(s.nbytes for s in specs),
-            "tensors_byte_identical": False, "cache_values_per_token": cache}
+            "tensors_byte_identical": False, "cache_values_per_token": cache, "equal_kv": equal_kv,
+            "cache_values_per_token_unpadded": mimo_cache_values(src, False),
+            "source_cache_values_per_token": (src.config["gqla"].get("cache_values_per_token") or {}).get("source_gqa")}

@@ -53,7 +53,7 @@ from .format import (
     json_bytes,
     manifest,
 )
-from .io import SafetensorsCheckpoint, ShardedWriter, StagedRun, TensorSpec, copy_file_hashed, open_staged_run
+from .io import SafetensorsCheckpoint, ShardedWriter, StagedRun, TensorSpec, copy_file_sized, open_staged_run
 from .io.reader import COPY_BUFFER_BYTES
 from .io.safetensors_format import to_torch_dtype
 from .io.staging import JOURNAL_VERSION
@@ -430,26 +430,36 @@ class _Job:
     def close(self) -> None:
         if self.prefetch is not None:
             self.prefetch.close()
+        if self.run is not None:
+            self.run.close()  # OUT's lock: released once committed, kept, or discarded
         self.plan.checkpoint.close()
         torch.set_num_threads(self.torch_threads)  # the worker pinned the process-wide count
 
 
-def _copy_files(plan: ConversionPlan, folder: Path) -> dict[str, str]:
-    """The source's tokenizer and generation files, and the remote code (``trust_remote_code=True`` loading)."""
-    files = {f.name: copy_file_hashed(f, folder / f.name) for f in plan.copied_files}
+def _copy_files(plan: ConversionPlan, folder: Path, sizes: dict[str, int]) -> dict[str, str]:
+    """The source's tokenizer and generation files, and the remote code (``trust_remote_code=True`` loading);
+    returns ``{file: sha256}`` and records each file's bytes in ``sizes``."""
+    files = {}
+    for f in plan.copied_files:
+        files[f.name], sizes[f.name] = copy_file_sized(f, folder / f.name)
     for code in REMOTE_CODE:
-        files[code] = copy_file_hashed(Path(hf_remote.__file__).parent / code, folder / code)
+        files[code], sizes[code] = copy_file_sized(Path(hf_remote.__file__).parent / code, folder / code)
     return files
 
 
-def _write_config(plan: ConversionPlan, folder: Path, layer_reports: list[dict[str, Any]]) -> str:
-    """config.json (the format's builder); returns its sha256."""
-    config = build_config(plan.source_config, plan.geo, plan.settings, plan.identity, layer_reports,
-                          o_proj_bias=plan.geo.family.tensor(0, "o", "bias") in plan.checkpoint,
-                          calibration=_calibration_record(plan))
-    data = json_bytes(config)
-    write_file_atomic(folder / "config.json", data)
+def _write_json(folder: Path, name: str, doc: Any, sizes: dict[str, int]) -> str:
+    """One JSON file of the checkpoint, written atomically; returns its sha256 and records its bytes."""
+    data = json_bytes(doc)
+    write_file_atomic(folder / name, data)
+    sizes[name] = len(data)
     return hashlib.sha256(data).hexdigest()
+
+
+def _config(plan: ConversionPlan, layer_reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """config.json (the format's builder)."""
+    return build_config(plan.source_config, plan.geo, plan.settings, plan.identity, layer_reports,
+                        o_proj_bias=plan.geo.family.tensor(0, "o", "bias") in plan.checkpoint,
+                        calibration=_calibration_record(plan))
 
 
 def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> ConversionResult:
@@ -465,14 +475,16 @@ def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> Co
         writer = job.open_writer(run)                      # 2. the planned shards (kept ones are skipped)
         needed = job.start_math(run, writer)               # 3. the layer math, on its own thread
         files = job.stream_tensors(run, writer, needed)    # 4. convert + copy every tensor; shards, index
-        files |= _copy_files(plan, run.path)               # 5. tokenizer, generation files, remote code
+        sizes = dict(writer.sizes)
+        files |= _copy_files(plan, run.path, sizes)        # 5. tokenizer, generation files, remote code
         layer_reports = [run.layers[layer] for layer in sorted(run.layers)]
-        files["config.json"] = _write_config(plan, run.path, layer_reports)  # 6. config, card, then the manifest
+        files["config.json"] = _write_json(run.path, "config.json", _config(plan, layer_reports), sizes)
         files[CARD] = write_card(run.path, conversion_card(json.loads((run.path / "config.json").read_text())))
-        write_file_atomic(run.path / MANIFEST, json_bytes(manifest(files)))
-        run.finish()                                       # 7. commit: drop the journal, rename to OUT
-        job.hook("commit")
-        out = run.commit()
+        sizes[CARD] = (run.path / CARD).stat().st_size      # 6. config, card, then the manifest
+        _write_json(run.path, MANIFEST, manifest(files, sizes=sizes), sizes)
+        run.finish()                                       # 7. commit: drop the journal, check every file
+        job.hook("commit")                                 #    is in place with its size, rename to OUT
+        out = run.commit(sizes)
     except BaseException as exc:
         job.settle(exc)
         raise

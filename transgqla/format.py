@@ -73,9 +73,13 @@ def json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
-def manifest(files: dict[str, str], export: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The manifest document: ``{file: sha256}`` of every other file (and, for an export, where it came from)."""
+def manifest(files: dict[str, str], export: dict[str, Any] | None = None,
+             sizes: dict[str, int] | None = None) -> dict[str, Any]:
+    """The manifest document: ``{file: sha256}`` of every other file, ``{file: bytes}`` when known (checked
+    before OUT is committed, and by verify), and, for an export, where it came from."""
     doc: dict[str, Any] = {"format_version": FORMAT_VERSION, "files": dict(sorted(files.items()))}
+    if sizes is not None:
+        doc["sizes"] = {name: int(sizes[name]) for name in sorted(files)}
     if export is not None:
         doc["export"] = export
     return doc

@@ -31,7 +31,7 @@ from typing import Any
 from .. import devices
 from ..errors import InputError, VerificationError
 from ..format import DEFAULT_SHARD_BYTES, MANIFEST
-from ..io import StagedOutput, ensure_free_space
+from ..io import OutputLock, StagedOutput, ensure_free_space
 from .check import (
     CHECK_MODES,
     Candidate,
@@ -169,6 +169,14 @@ def run_export(req: ExportRequest) -> ExportResult:
 
         return run(req)
     device = str(devices.resolve_device(req.device))  # the one --device parser
+    reading = OutputLock(Path(req.out), "export (reading)", shared=True).acquire()  # no convert replaces OUT now
+    try:
+        return _run_folder_export(req, device, start)
+    finally:
+        reading.release()
+
+
+def _run_folder_export(req: ExportRequest, device: str, start: float) -> ExportResult:
     src = open_gqla(Path(req.out))
     staged: StagedOutput | None = None
     try:
@@ -188,7 +196,7 @@ def run_export(req: ExportRequest) -> ExportResult:
             from .mimo import check_supported as mimo_supported
 
             warnings += mimo_supported(src)
-        staged = StagedOutput(Path(req.dst), req.force, protect=[src.folder])
+        staged = StagedOutput(Path(req.dst), req.force, protect=[src.folder], command="export")
         total = sum(written.ckpt.spec(n).nbytes for n in written.ckpt.names)
         ensure_free_space(staged.path, int(total * (1.25 if req.format == "deepseek" else 1.0)))
         details, candidate = _write(req, written, staged.path, warnings)
@@ -207,13 +215,15 @@ def run_export(req: ExportRequest) -> ExportResult:
         committed = False
         if check.ok:
             _write_card(staged.path, ExportResult(req, False, check, details, warnings).summary())
-            staged.commit()
+            staged.commit(manifest_sizes(staged.path))
             committed = True
         return ExportResult(req, committed, check, details, warnings, time.perf_counter() - start)
     finally:
         src.close()
         if staged is not None and not staged.committed:
             shutil.rmtree(staged.path, ignore_errors=True)
+        if staged is not None:
+            staged.close()
 
 
 def _write_card(folder: Path, summary: dict[str, Any]) -> None:
@@ -226,6 +236,8 @@ def _write_card(folder: Path, summary: dict[str, Any]) -> None:
     digest = write_card(folder, export_card(_read_json(folder / "config.json"), summary))
     doc = json.loads((folder / MANIFEST).read_text())
     doc["files"] = dict(sorted({**doc["files"], CARD: digest}.items()))
+    if "sizes" in doc:  # what the commit checks is in place, and verify compares first
+        doc["sizes"] = dict(sorted({**doc["sizes"], CARD: (folder / CARD).stat().st_size}.items()))
     (folder / MANIFEST).write_bytes(json_bytes(doc))
 
 
@@ -255,3 +267,12 @@ def _read_json(path: Path) -> dict:
     import json
 
     return json.loads(path.read_text())
+
+
+def manifest_sizes(folder: Path) -> dict[str, int]:
+    """``{file: bytes}`` of everything the staged export's manifest lists, and the manifest itself: what its
+    commit checks is in place before the rename."""
+    path = folder / MANIFEST
+    sizes = dict(_read_json(path).get("sizes") or {})
+    sizes[MANIFEST] = path.stat().st_size
+    return sizes

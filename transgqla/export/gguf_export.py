@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError, OutputError
-from ..io import ensure_free_space
+from ..io import OutputLock, ensure_free_space
 from .check import FULL_CHECK_BYTES, GREEDY_TOKENS, CheckResult, compare, float32_bytes, prompt_ids, reference_outputs
 from .gguf import OUTTYPES, check_supported, resolve_outtype, write_gguf
 from .gguf_check import llama_cpp_available, llama_cpp_outputs, torch_outputs
@@ -121,14 +121,22 @@ def run(req: Any) -> Any:
         raise InputError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {req.outtype!r}")
     if req.check == "layerwise":
         raise InputError("--format gguf is checked whole (llama.cpp runs the file); drop --check layerwise")
-    src = open_gqla(Path(req.out))
+    reading = OutputLock(Path(req.out), "export (reading)", shared=True).acquire()
+    writing: OutputLock | None = None
+    try:
+        src = open_gqla(Path(req.out))
+    except BaseException:
+        reading.release()
+        raise
     staging: Path | None = None
     try:
         warnings = check_supported(src)
         outtype = resolve_outtype(req.outtype, src.dtype)
         vocab = read_vocab(src.folder, src.config, int(src.config["vocab_size"]))
         warnings += vocab.warnings
-        dst, staging = _destination(Path(req.dst), src.folder, req.force)
+        dst, partial = _destination(Path(req.dst), src.folder, req.force)
+        writing = OutputLock(dst, "export").acquire()  # one run per DST: the staging name is fixed
+        staging = partial
         staging.unlink(missing_ok=True)
         ensure_free_space(staging.parent, _estimated_bytes(src, outtype))
         details = write_gguf(src, staging, outtype, vocab, name=src.folder.name)
@@ -146,3 +154,6 @@ def run(req: Any) -> Any:
         src.close()
         if staging is not None and staging.exists():
             staging.unlink()
+        if writing is not None:
+            writing.release()
+        reading.release()

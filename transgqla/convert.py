@@ -39,9 +39,9 @@ from typing import Any, Callable
 import torch
 
 from . import __version__, hf_remote
+from .data_files import DataFiles, find_data_files, write_data_files
 from .errors import InputError, OutputError, UnsupportedError
 from .format import (
-    COPIED_FILES,
     DEFAULT_SHARD_BYTES,
     MANIFEST,
     REMOTE_CODE,
@@ -119,7 +119,7 @@ class ConversionPlan:
     checkpoint: SafetensorsCheckpoint
     outputs: list[TensorSpec]  # in write order
     converted: dict[str, tuple[int, str]]  # output name -> (layer, name relative to self_attn.)
-    copied_files: list[Path]
+    copied_files: DataFiles  # the source's tokenizer and generation files, checked (data only)
     windows: "torch.Tensor | None" = None  # calibration token windows [n, seqlen]
     math_threads: int = DEFAULT_MATH_THREADS  # torch threads for the per-layer math
     layer_workers: int = DATA_FREE_WORKERS  # background threads for the per-layer math
@@ -128,7 +128,7 @@ class ConversionPlan:
 
     @property
     def output_bytes(self) -> int:
-        return sum(s.nbytes for s in self.outputs) + sum(p.stat().st_size for p in self.copied_files)
+        return sum(s.nbytes for s in self.outputs) + self.copied_files.nbytes
 
 
 @dataclass
@@ -157,6 +157,7 @@ class ConversionResult:
             "bytes_written": sum(t.nbytes for t in self.plan.outputs),
             "seconds": round(self.seconds, 3),
             "resume": self.resume,
+            "notes": list(self.plan.notes),
         }
 
 
@@ -168,6 +169,7 @@ def plan_conversion(request: ConvertRequest) -> ConversionPlan:
     ckpt = SafetensorsCheckpoint(path)
     identity["fingerprint"] = ckpt.fingerprint()
     validate_tensors(ckpt, geo, config)
+    copied = find_data_files(path)  # only the source's own files, only data (auto_map dropped)
     fam = geo.family
     src_dtype = ckpt.spec(fam.tensor(0, "q")).dtype
     if request.dtype is None:
@@ -178,7 +180,7 @@ def plan_conversion(request: ConvertRequest) -> ConversionPlan:
         raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {request.dtype!r}")
     else:
         out_dtype = request.dtype
-    calib, notes = request.calib, []
+    calib, notes = request.calib, list(copied.notes)
     if calib == [AUTO_CALIB]:  # the most general text available offline, when the source has a tokenizer
         from .calib.sources import resolve_auto
 
@@ -221,7 +223,6 @@ def plan_conversion(request: ConvertRequest) -> ConversionPlan:
             converted[name] = (layer, rel)
             outputs.append(TensorSpec(name, DTYPES[out_dtype], shapes[rel]))
     outputs.sort(key=lambda s: natural_key(s.name))
-    copied = sorted(p for p in path.iterdir() if p.is_file() and COPIED_FILES.match(p.name))
     if request.max_shard_bytes <= 0:
         raise InputError(f"--max-shard-size must be positive, got {request.max_shard_bytes} bytes")
     return ConversionPlan(request, path, identity, config, geo, settings, ckpt, outputs, converted, copied, windows,
@@ -439,9 +440,7 @@ class _Job:
 def _copy_files(plan: ConversionPlan, folder: Path, sizes: dict[str, int]) -> dict[str, str]:
     """The source's tokenizer and generation files, and the remote code (``trust_remote_code=True`` loading);
     returns ``{file: sha256}`` and records each file's bytes in ``sizes``."""
-    files = {}
-    for f in plan.copied_files:
-        files[f.name], sizes[f.name] = copy_file_sized(f, folder / f.name)
+    files = write_data_files(plan.copied_files, folder, sizes)
     for code in REMOTE_CODE:
         files[code], sizes[code] = copy_file_sized(Path(hf_remote.__file__).parent / code, folder / code)
     return files

@@ -10,7 +10,7 @@ A checkpoint folder:
 ``model-0000i-of-0000N.safetensors``          shards; header metadata :data:`WRITER_METADATA`
 ``model.safetensors.index.json``              tensor -> shard
 ``configuration_gqla.py``, ``modeling_gqla.py``  :data:`REMOTE_CODE` (``trust_remote_code=True`` loading)
-tokenizer and generation files                :data:`COPIED_FILES`, byte for byte from the source
+tokenizer and generation files                :data:`COPIED_FILES`, from the source (data only, no ``auto_map``)
 ``transgqla-manifest.json``                   :data:`MANIFEST`: sha256 of every other file
 ============================================  ==============================================================
 
@@ -32,7 +32,6 @@ RoPE rows are interleaved (pair ``p`` = dims ``2p, 2p + 1``, ``rope_interleave: 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -51,10 +50,15 @@ DECODE_PATHS = ("absorb", "gqa")
 AUTO_MAP = {"AutoConfig": "configuration_gqla.GQLAConfig", "AutoModelForCausalLM": "modeling_gqla.GQLAForCausalLM"}
 MANIFEST = "transgqla-manifest.json"
 REMOTE_CODE = ("configuration_gqla.py", "modeling_gqla.py")
-COPIED_FILES = re.compile(
-    r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.json|merges\.txt|"
-    r"generation_config\.json|chat_template.*|.*\.tiktoken|tokenizer\.model)$"
+#: The tokenizer and generation files a checkpoint carries from its source: exact names, data only, never code
+#: (:mod:`transgqla.data_files` copies them under the shard rule).
+COPIED_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "merges.txt", "vocab.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+    "generation_config.json",
 )
+#: Keys of copied files that name code shipped beside them (loaded by ``trust_remote_code=True``): dropped.
+CODE_POINTERS = {"tokenizer_config.json": ("auto_map",)}
 #: Shard size cap when none is given: 5 GB, decimal (5 * 10**9 bytes), as Hugging Face's ``max_shard_size="5GB"``.
 DEFAULT_SHARD_BYTES = 5 * 10**9
 WRITER_METADATA = {"gqla_format_version": str(FORMAT_VERSION)}  # in every shard header

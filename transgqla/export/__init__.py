@@ -212,6 +212,7 @@ def _run_folder_export(req: ExportRequest, device: str, start: float) -> ExportR
             tol = req.tolerance if req.tolerance is not None else tolerance_for(src.dtype, rerounded)
             check = run_check(src.folder, src.config, staged.path, dst_config, candidate, tol, device,
                               tokens_required=tokens_must_match(src.dtype, rerounded), mode=req.check)
+        warnings += src.notes
         committed = False
         if check.ok:
             _write_card(staged.path, ExportResult(req, False, check, details, warnings).summary())

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from .. import __version__, hf_remote
+from ..data_files import write_data_files
 from ..errors import InputError, OutputError
 from ..format import MANIFEST, REMOTE_CODE, json_bytes, manifest
 from ..io import TensorSpec, copy_file_hashed
@@ -60,8 +61,7 @@ def finish(src: GQLACheckpoint, folder: Path, config: dict, files: dict[str, str
            export_info: dict | None = None) -> dict[str, str]:
     """Copy tokenizer/generation files (and the remote code), write config.json and the manifest (hashes and
     sizes; the sizes are what the commit checks are still in place)."""
-    for f in src.extra_files():
-        files[f.name] = copy_file_hashed(f, folder / f.name)
+    files |= write_data_files(src.extra_files(), folder)
     if remote_code:
         for code in REMOTE_CODE:
             files[code] = copy_file_hashed(Path(hf_remote.__file__).parent / code, folder / code)

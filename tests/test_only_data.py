@@ -171,7 +171,7 @@ def test_every_export_carries_only_data(out_with_code, tmp_path, kind):
         assert not marker.exists()
 
 
-def test_an_export_refuses_a_file_linked_out_of_out(out_with_code, tmp_path):
+def test_an_export_refuses_a_file_linked_out_of_out(out_with_code, tmp_path):  # OUT's manifest check: no links
     out = tmp_path / "out"
     shutil.copytree(out_with_code[0], out)
     secret = tmp_path / "secret.json"
@@ -179,5 +179,5 @@ def test_an_export_refuses_a_file_linked_out_of_out(out_with_code, tmp_path):
     (out / "generation_config.json").unlink(missing_ok=True)
     (out / "generation_config.json").symlink_to(secret)
     r = invoke("export", out, tmp_path / "dst", "--path", "gqa")
-    assert r.exit_code == 2 and "generation_config.json is a symlink" in one_error_line(r), r.output
+    assert r.exit_code == 2 and "symlinks (refused): generation_config.json" in one_error_line(r), r.output
     assert not (tmp_path / "dst").exists()

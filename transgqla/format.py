@@ -215,9 +215,9 @@ def config_problems(cfg: dict[str, Any]) -> list[str]:
         p.append(f"architectures is {cfg.get('architectures')!r}, expected [{ARCHITECTURE!r}]")
     if cfg.get("model_type") != MODEL_TYPE:
         p.append(f"model_type is {cfg.get('model_type')!r}, expected {MODEL_TYPE!r}")
-    auto = cfg.get("auto_map")
-    if not isinstance(auto, dict) or not set(AUTO_MAP) <= set(auto):
-        p.append("auto_map must name " + " and ".join(AUTO_MAP))
+    if cfg.get("auto_map") != AUTO_MAP:  # exactly: anything else makes trust_remote_code=True run other code
+        p.append("auto_map must name " + " and ".join(f"{k}: {v}" for k, v in AUTO_MAP.items()) + " and nothing "
+                 f"else, got {cfg.get('auto_map')!r}"[:300])
     for key in INT_KEYS:
         v = cfg.get(key)
         if key not in cfg:

@@ -14,6 +14,8 @@ Forms (``--path`` / ``--format`` / ``--fold-kv``):
 * ``absorb``, format ``gguf``: one llama.cpp GGUF file (``deepseek2``, latent cache), ``--outtype``
   f32/f16/bf16/q8_0, checked by llama.cpp itself when installed. See :mod:`.gguf` and :mod:`.gguf_export`.
 
+OUT must match its manifest first (:func:`transgqla.integrity.require_manifest`: no symlinks, every file's size
+and sha256, nothing unlisted), under a shared lock that keeps a ``convert --force`` from replacing it meanwhile.
 Every export is written into a staging folder and checked (:mod:`.check`): a byte-identical one by the
 hashes of its files against OUT's manifest, a rewritten one against the GQLA reference decoder on OUT, whole
 or layer by layer in bounded memory (:mod:`.layerwise`); DST appears only when the check passes. A failed check
@@ -31,6 +33,7 @@ from typing import Any
 from .. import devices
 from ..errors import InputError, VerificationError
 from ..format import DEFAULT_SHARD_BYTES, MANIFEST
+from ..integrity import require_manifest
 from ..io import OutputLock, StagedOutput, ensure_free_space
 from .check import (
     CHECK_MODES,
@@ -180,6 +183,7 @@ def _run_folder_export(req: ExportRequest, device: str, start: float) -> ExportR
     src = open_gqla(Path(req.out))
     staged: StagedOutput | None = None
     try:
+        require_manifest(src.folder)  # a damaged or edited OUT is refused before anything is written
         warnings: list[str] = []
         written, padding = src, None  # what the writer reads: OUT, or OUT zero-padded to a kernel's shape
         if req.kernel_shape is not None:

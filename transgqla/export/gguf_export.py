@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError, OutputError
+from ..integrity import require_manifest
 from ..io import OutputLock, ensure_free_space
 from .check import FULL_CHECK_BYTES, GREEDY_TOKENS, CheckResult, compare, float32_bytes, prompt_ids, reference_outputs
 from .gguf import OUTTYPES, check_supported, resolve_outtype, write_gguf
@@ -130,6 +131,7 @@ def run(req: Any) -> Any:
         raise
     staging: Path | None = None
     try:
+        require_manifest(src.folder)  # a damaged or edited OUT is refused before anything is written
         warnings = check_supported(src)
         outtype = resolve_outtype(req.outtype, src.dtype)
         vocab = read_vocab(src.folder, src.config, int(src.config["vocab_size"]))

@@ -111,10 +111,10 @@ def run_verify(
     dev, dt = devices.resolve_device(device), resolve_dtype(dtype)  # the one --device parser
     report = VerifyReport(str(out), info={"device": str(dev), "dtype": dtype, "sections": wanted})
 
-    # a DeepSeek-V3 / MiMo-V2 export: export's check, engine kernels (verify/engines.py)
+    # a DeepSeek-V3 / MiMo-V2 export: the integrity checks, export's check, engine kernels (verify/engines.py)
     if stock_export(out, report, str(dev)):
         return report
-    st = check_structure(out, full="structure" in wanted)
+    st = check_structure(out)  # the integrity checks run whatever --checks says: they gate everything else
     for c in st.checks:
         if "structure" in wanted or c.ok is False:  # failed gates are shown even when not requested
             report.add(c)

@@ -62,7 +62,7 @@ from .layer_converters import CalibratedConverter, DataFreeConverter
 from .layer_prefetch import LayerPrefetcher
 from .model_card import CARD, conversion_card, write_card
 from .settings import ConversionSettings, resolve_settings
-from .source_checkpoint import load_config, natural_key, resolve, validate_tensors
+from .source_checkpoint import check_layer_count, load_config, natural_key, resolve, validate_tensors
 from .source_geometry import SourceGeometry, read_geometry
 
 Progress = Callable[[str, int, int], None]
@@ -165,8 +165,9 @@ def plan_conversion(request: ConvertRequest) -> ConversionPlan:
     """Resolve, read and validate everything; fix the output tensor list. Writes nothing."""
     path, identity = resolve(request.source, request.revision)
     config = load_config(path)
+    ckpt = SafetensorsCheckpoint(path)  # index and headers only
+    check_layer_count(config, ckpt.names, path)  # before anything is built per layer
     geo = read_geometry(config)
-    ckpt = SafetensorsCheckpoint(path)
     identity["fingerprint"] = ckpt.fingerprint()
     validate_tensors(ckpt, geo, config)
     copied = find_data_files(path)  # only the source's own files, only data (auto_map dropped)

@@ -17,6 +17,7 @@ from ..io import SafetensorsCheckpoint, ShardedWriter, TensorSpec
 from ..io.reader import COPY_BUFFER_BYTES
 from ..io.safetensors_format import to_torch_dtype
 from ..model.geometry import GQLAGeometry
+from ..source_checkpoint import check_layer_count
 
 ATTN = "model.layers.{}.self_attn."
 
@@ -92,6 +93,7 @@ def open_gqla(folder: Path) -> GQLACheckpoint:
                          f"{geo.n_groups}")
     ckpt = SafetensorsCheckpoint(folder)
     try:
+        check_layer_count(config, ckpt.names, folder)  # before the per-layer loop
         for layer in range(geo.n_layers):
             for rel, shape in list(required.items()) + list(optional.items()):
                 name = ATTN.format(layer) + rel

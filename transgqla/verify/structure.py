@@ -18,12 +18,13 @@ from typing import Any
 import torch
 
 from .. import __version__, hf_remote
-from ..errors import TransGQLAError
+from ..errors import InputError, TransGQLAError
 from ..families import gqla_block
 from ..format import FLOAT_DTYPES, REMOTE_CODE, attention_tensors, config_problems
 from ..integrity import FolderReport, compare_manifest
 from ..io import SafetensorsCheckpoint, sha256_file
 from ..io.safetensors_format import to_torch_dtype
+from ..source_checkpoint import check_layer_count
 from .report import Check
 
 MAX_LISTED = 5  # problems spelled out in a message; the details carry all of them
@@ -272,7 +273,11 @@ def check_structure(out: Path) -> Structure:
     elif problems:
         tensors = Check("structure.tensors", None, message="skipped: the config is not usable")
     else:
-        tp = tensor_problems(ckpt, cfg)
+        try:  # before the inventory builds anything per layer
+            check_layer_count(cfg, ckpt.names, "")
+            tp = tensor_problems(ckpt, cfg)
+        except InputError as exc:
+            tp = [str(exc).removeprefix(": ")]
         tensors = _problem_check("structure.tensors", tp,
                                  f"{len(ckpt.names)} tensors, shapes and dtypes as the config implies")
         if tp:

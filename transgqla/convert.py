@@ -34,7 +34,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -43,6 +43,7 @@ from .data_files import DataFiles, find_data_files, write_data_files
 from .errors import InputError, OutputError, UnsupportedError
 from .format import (
     DEFAULT_SHARD_BYTES,
+    FLOAT_DTYPES,
     MANIFEST,
     REMOTE_CODE,
     WRITER_METADATA,
@@ -61,6 +62,7 @@ from .io.writer import plan_shards, shard_file_name, write_file_atomic
 from .layer_converters import CalibratedConverter, DataFreeConverter
 from .layer_prefetch import LayerPrefetcher
 from .model_card import CARD, conversion_card, write_card
+from .plan_checks import refuse_unwritable
 from .settings import ConversionSettings, resolve_settings
 from .source_checkpoint import check_layer_count, load_config, natural_key, resolve, validate_tensors
 from .source_geometry import SourceGeometry, read_geometry
@@ -190,6 +192,8 @@ def plan_conversion(request: ConvertRequest) -> ConversionPlan:
             notes.append("--calib auto: the source has no tokenizer.json, so this conversion falls back to "
                          "weights-only statistics (data-free, method pca); pass --calib FILE with a source that "
                          "has a tokenizer for a calibrated conversion, or --calib none to silence this")
+    if request.max_shard_bytes <= 0:
+        raise InputError(f"--max-shard-size must be positive, got {request.max_shard_bytes} bytes")
     settings = resolve_settings(
         geo,
         kv_lora_rank=request.kv_lora_rank,
@@ -202,6 +206,8 @@ def plan_conversion(request: ConvertRequest) -> ConversionPlan:
         refine=request.refine,
         kv_budget=request.kv_budget,
     )
+    o_proj_bias = fam.tensor(0, "o", "bias") in ckpt  # what would be written wrong: refused before calibration
+    refuse_unwritable(config, geo, settings, identity, _plan_outputs(ckpt, geo, settings, out_dtype)[0], o_proj_bias)
     windows, calib_sources = None, None
     if calib:
         from .calib.sources import calibration_windows
@@ -214,6 +220,16 @@ def plan_conversion(request: ConvertRequest) -> ConversionPlan:
 
         settings = choose_split(ckpt, geo, config, windows, settings, lambda d_r: with_split(geo, settings, d_r),
                                 request.device, _math_threads_setting())
+    outputs, converted = _plan_outputs(ckpt, geo, settings, out_dtype)
+    return ConversionPlan(request, path, identity, config, geo, settings, ckpt, outputs, converted, copied, windows,
+                          _math_threads_setting(), _layer_workers(windows is not None), notes, calib_sources)
+
+
+def _plan_outputs(ckpt: SafetensorsCheckpoint, geo: SourceGeometry, settings: ConversionSettings,
+                  out_dtype: str) -> tuple[list[TensorSpec], dict[str, tuple[int, str]]]:
+    """Every output tensor in write order (the source's, less q/k/v, plus the converted attention), and the
+    converted ones' ``name -> (layer, name relative to self_attn.)``."""
+    fam = geo.family
     replaced = {fam.tensor(l, p, k) for l in range(geo.n_layers) for p in ATTN_SOURCE_PARTS for k in ("weight", "bias")}
     outputs = [ckpt.spec(n) for n in ckpt.names if n not in replaced and not DROPPED_TENSORS.search(n)]
     shapes = AttentionDims.of_conversion(geo, settings).shapes()
@@ -224,10 +240,7 @@ def plan_conversion(request: ConvertRequest) -> ConversionPlan:
             converted[name] = (layer, rel)
             outputs.append(TensorSpec(name, DTYPES[out_dtype], shapes[rel]))
     outputs.sort(key=lambda s: natural_key(s.name))
-    if request.max_shard_bytes <= 0:
-        raise InputError(f"--max-shard-size must be positive, got {request.max_shard_bytes} bytes")
-    return ConversionPlan(request, path, identity, config, geo, settings, ckpt, outputs, converted, copied, windows,
-                          _math_threads_setting(), _layer_workers(windows is not None), notes, calib_sources)
+    return outputs, converted
 
 
 def _env_count(name: str, default: int, minimum: int) -> int:
@@ -331,6 +344,15 @@ def _cast_converter(convert_layer, out_dtype: torch.dtype):
 
 
 
+def _finite(spec: TensorSpec, pieces: Iterator[memoryview]) -> Iterator[memoryview]:
+    """``pieces`` of a copied tensor, each checked for NaN/Inf when the tensor is a float type."""
+    dtype = to_torch_dtype(spec.dtype) if spec.dtype in FLOAT_DTYPES else None
+    for piece in pieces:
+        if dtype is not None and not bool(torch.isfinite(torch.frombuffer(piece, dtype=dtype)).all()):
+            raise InputError(f"tensor {spec.name} holds NaN or Inf values; the source is damaged")
+        yield piece
+
+
 class _Job:
     """One run of a plan: the steps of :func:`run_conversion` and what each leaves open (the staged run,
     the writer, the math thread), so that :meth:`settle` can apply the one failure policy."""
@@ -399,23 +421,30 @@ class _Job:
                     writer.skip(spec.name)
                 else:
                     assert current is not None and current[0] == layer
-                    writer.write(spec.name, current[1][rel])
+                    tensor = current[1][rel]
+                    if not bool(torch.isfinite(tensor).all()):
+                        raise InputError(f"the converted {spec.name} is not finite (NaN or Inf): the source's layer "
+                                         f"{layer} overflows its dtype; try --dtype float32")
+                    writer.write(spec.name, tensor)
             elif done:
                 writer.skip(spec.name)
-            else:
-                writer.write_stream(spec.name, plan.checkpoint.iter_bytes(spec.name, copy_buffer))
+            else:  # byte for byte, scanned for NaN/Inf on the way (a damaged source is refused, not copied)
+                writer.write_stream(spec.name, _finite(spec, plan.checkpoint.iter_bytes(spec.name, copy_buffer)))
             if not done:
                 self.hook("tensor")
         prefetch.close()
         return writer.close()
 
     def settle(self, exc: BaseException) -> None:
-        """The one failure policy. Bad input found while converting (NaN weights, a shard changed underneath)
-        removes the staging folder: nothing worth resuming. Output errors (disk full) and interrupts keep
-        it, marked INCOMPLETE, and say so in one line. Raises that line; returns to re-raise ``exc`` as is."""
+        """The one failure policy. Anything raised before the first shard is finished, and bad input found while
+        converting (NaN weights, a shard changed underneath), removes the staging folder: nothing worth resuming.
+        Output errors (disk full) and interrupts after that keep it, marked INCOMPLETE, and say so in one line.
+        Raises that line; returns to re-raise ``exc`` as is."""
         if self.writer is not None:
             self.writer.abort()
         run = self.run
+        if run is not None and run.kept_on_disk and not run.journal.shards:
+            run.discard()  # no shard finished (nor kept): nothing worth resuming, whatever went wrong
         kept = run is not None and run.kept_on_disk
         if isinstance(exc, (InputError, UnsupportedError)):
             if run is not None:

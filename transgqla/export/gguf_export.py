@@ -29,6 +29,7 @@ import torch
 from ..errors import InputError, OutputError
 from ..integrity import require_manifest
 from ..io import OutputLock, ensure_free_space
+from ..io.writer import guard_write
 from .check import FULL_CHECK_BYTES, GREEDY_TOKENS, CheckResult, compare, float32_bytes, prompt_ids, reference_outputs
 from .gguf import OUTTYPES, check_supported, resolve_outtype, write_gguf
 from .gguf_check import llama_cpp_available, llama_cpp_outputs, torch_outputs
@@ -139,9 +140,9 @@ def run(req: Any) -> Any:
         dst, partial = _destination(Path(req.dst), src.folder, req.force)
         writing = OutputLock(dst, "export").acquire()  # one run per DST: the staging name is fixed
         staging = partial
-        staging.unlink(missing_ok=True)
+        guard_write(staging, lambda: staging.unlink(missing_ok=True))
         ensure_free_space(staging.parent, _estimated_bytes(src, outtype))
-        details = write_gguf(src, staging, outtype, vocab, name=src.folder.name)
+        details = guard_write(staging, lambda: write_gguf(src, staging, outtype, vocab, name=src.folder.name))
         details["target"] = f"llama.cpp deepseek2, {outtype}"
         src.close()
         from ..devices import resolve_device
@@ -149,13 +150,16 @@ def run(req: Any) -> Any:
         check = run_check(src.folder, src.config, staging, outtype, req.tolerance, str(resolve_device(req.device)))
         committed = False
         if check.ok:
-            staging.replace(dst)
+            guard_write(dst, lambda: staging.replace(dst))
             committed = True
         return ExportResult(req, committed, check, details, warnings, time.perf_counter() - start)
     finally:
         src.close()
         if staging is not None and staging.exists():
-            staging.unlink()
+            try:
+                staging.unlink()
+            except OSError:
+                pass  # a failing disk: the one error line already says what happened
         if writing is not None:
             writing.release()
         reading.release()

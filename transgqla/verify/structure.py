@@ -19,11 +19,12 @@ import torch
 
 from .. import __version__, hf_remote
 from ..errors import InputError, TransGQLAError
-from ..families import gqla_block
-from ..format import FLOAT_DTYPES, REMOTE_CODE, attention_tensors, config_problems
+from ..format import FLOAT_DTYPES, REMOTE_CODE, config_problems
 from ..integrity import FolderReport, compare_manifest
+from ..inventory import Expected, expected_tensors  # noqa: F401 (re-exported: verify's inventory)
 from ..io import SafetensorsCheckpoint, sha256_file
 from ..io.safetensors_format import to_torch_dtype
+from ..model.geometry import geometry_problems
 from ..source_checkpoint import check_layer_count
 from .report import Check
 
@@ -60,33 +61,6 @@ def load_config(out: Path) -> tuple[dict[str, Any] | None, str | None]:
 
 
 # -- tensors --------------------------------------------------------------------------------------
-
-
-@dataclass
-class Expected:
-    required: dict[str, tuple[int, ...]]
-    optional: dict[str, tuple[int, ...]]
-
-
-def expected_tensors(cfg: dict[str, Any]) -> Expected:
-    """Tensor names and shapes a contract-valid config implies (shapes in ``[out, in]`` order)."""
-    D, V, I = cfg["hidden_size"], cfg["vocab_size"], cfg["intermediate_size"]  # noqa: E741 (the paper's names)
-    L = cfg["num_hidden_layers"]
-    block = gqla_block(cfg)  # every weight outside attention, named by the source family's block
-    req: dict[str, tuple[int, ...]] = block.copied_weights(L, V, D, I)
-    opt: dict[str, tuple[int, ...]] = {}
-    if block.tie_embeddings:
-        opt[block.head] = (V, D)
-    mlp_bias = bool(cfg.get("mlp_bias"))
-    attn_required, attn_optional = attention_tensors(cfg)
-    for layer in range(L):
-        pre, att = f"model.layers.{layer}.", f"model.layers.{layer}.self_attn."
-        if mlp_bias:
-            req.update({pre + "mlp.gate_proj.bias": (I,), pre + "mlp.up_proj.bias": (I,),
-                        pre + "mlp.down_proj.bias": (D,)})
-        req.update({att + rel: shape for rel, shape in attn_required.items()})
-        opt.update({att + rel: shape for rel, shape in attn_optional.items()})
-    return Expected(req, opt)
 
 
 def tensor_problems(ckpt: SafetensorsCheckpoint, cfg: dict[str, Any]) -> list[str]:
@@ -263,6 +237,8 @@ def check_structure(out: Path) -> Structure:
     the remote code against the installed package's."""
     cfg, why = load_config(out)
     problems = [why] if why else config_problems(cfg)
+    if not problems:  # what the runtime builds from it: the family record, eps, activation, RoPE
+        problems = geometry_problems(cfg)
     config = _problem_check("structure.config", problems, "matches the format contract (v1)")
     blocker = "structure.config" if problems else None
     integ = integrity_checks(out)

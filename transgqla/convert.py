@@ -63,6 +63,7 @@ from .layer_converters import CalibratedConverter, DataFreeConverter
 from .layer_prefetch import LayerPrefetcher
 from .model_card import CARD, conversion_card, write_card
 from .plan_checks import refuse_unwritable
+from .provenance import numerical_environment
 from .settings import ConversionSettings, resolve_settings
 from .source_checkpoint import check_layer_count, load_config, natural_key, resolve, validate_tensors
 from .source_geometry import SourceGeometry, read_geometry
@@ -127,6 +128,7 @@ class ConversionPlan:
     layer_workers: int = DATA_FREE_WORKERS  # background threads for the per-layer math
     notes: list[str] = field(default_factory=list)  # what the user should know before it runs (CLI: warnings)
     calib_sources: list[str] | None = None  # what each --calib resolved to (self with its seed), for the record
+    environment: dict[str, Any] = field(default_factory=dict)  # torch, BLAS, CPU path, device (provenance.py)
 
     @property
     def output_bytes(self) -> int:
@@ -171,6 +173,8 @@ def plan_conversion(request: ConvertRequest) -> ConversionPlan:
     check_layer_count(config, ckpt.names, path)  # before anything is built per layer
     geo = read_geometry(config)
     identity["fingerprint"] = ckpt.fingerprint()
+    identity["path"] = str(path.resolve())  # verify finds the source from any folder
+    identity["shards"] = ckpt.shard_identities()
     validate_tensors(ckpt, geo, config)
     copied = find_data_files(path)  # only the source's own files, only data (auto_map dropped)
     fam = geo.family
@@ -222,7 +226,8 @@ def plan_conversion(request: ConvertRequest) -> ConversionPlan:
                                 request.device, _math_threads_setting())
     outputs, converted = _plan_outputs(ckpt, geo, settings, out_dtype)
     return ConversionPlan(request, path, identity, config, geo, settings, ckpt, outputs, converted, copied, windows,
-                          _math_threads_setting(), _layer_workers(windows is not None), notes, calib_sources)
+                          _math_threads_setting(), _layer_workers(windows is not None), notes, calib_sources,
+                          numerical_environment(request.device))
 
 
 def _plan_outputs(ckpt: SafetensorsCheckpoint, geo: SourceGeometry, settings: ConversionSettings,
@@ -269,8 +274,9 @@ def _layer_workers(calibrated: bool) -> int:
 
 
 def plan_fingerprint(plan: ConversionPlan) -> str:
-    """sha256 over everything the output shards' bytes depend on: source (headers, shard sizes and
-    modification times), settings, output tensor list and shard plan, calibration tokens, math threads."""
+    """sha256 over everything the output shards' bytes depend on: source (each shard's header hash, its content
+    hash where the Hub cache has one, sizes and modification times), settings, output tensor list and shard plan,
+    calibration tokens, math threads, and the numerical environment (torch, BLAS/LAPACK, CPU path, device)."""
     r = plan.request
     files = []
     for f in plan.checkpoint.files:
@@ -281,6 +287,8 @@ def plan_fingerprint(plan: ConversionPlan) -> str:
         "tool_version": __version__,
         "source_fingerprint": plan.checkpoint.fingerprint(),
         "source_files": files,
+        "source_shards": plan.identity.get("shards") or plan.checkpoint.shard_identities(),
+        "environment": plan.environment,
         "settings": plan.settings.to_dict(),
         "outputs": [[s.name, s.dtype, list(s.shape)] for s in plan.outputs],
         "shards": [[s.name for s in shard] for shard in plan_shards(plan.outputs, r.max_shard_bytes)],
@@ -373,7 +381,7 @@ class _Job:
             r.out, fingerprint=plan_fingerprint(plan), shard_files=[shard_file_name(i, len(shards)) for i in
                                                                      range(len(shards))],
             output_bytes=plan.output_bytes, force=r.force, resume=r.resume, protect=[plan.source_path],
-            reuse_layers=reuse)
+            reuse_layers=reuse, environment=plan.environment)
         return self.run
 
     def open_writer(self, run: StagedRun) -> ShardedWriter:
@@ -488,7 +496,7 @@ def _config(plan: ConversionPlan, layer_reports: list[dict[str, Any]]) -> dict[s
     """config.json (the format's builder)."""
     return build_config(plan.source_config, plan.geo, plan.settings, plan.identity, layer_reports,
                         o_proj_bias=plan.geo.family.tensor(0, "o", "bias") in plan.checkpoint,
-                        calibration=_calibration_record(plan))
+                        calibration=_calibration_record(plan), environment=plan.environment)
 
 
 def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> ConversionResult:

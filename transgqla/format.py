@@ -183,6 +183,7 @@ def build_config(
     decode_path: str = "absorb",
     o_proj_bias: bool = False,
     calibration: dict[str, Any] | None = None,
+    environment: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``config.json`` of a converted checkpoint: the source's keys with the GQLA ones over them."""
     cfg = {k: v for k, v in source_config.items() if k not in ("auto_map", "_name_or_path", "transformers_version")}
@@ -202,7 +203,7 @@ def build_config(
         "source": {**source_identity, "architecture": geo.architecture, "model_type": source_config.get("model_type")},
         "family": geo.block.record(),  # the whole decoder block the runtime and the reference decoders build
         "conversion": {"tool": "transgqla", "tool_version": __version__, **settings.to_dict(),
-                       "calibration": calibration},
+                       "calibration": calibration, "environment": environment},
         "layers": layer_reports,
     }
     return cfg

@@ -210,8 +210,17 @@ class Kept:
                 "shards_total": shards_total, "note": self.note}
 
 
-def inspect_staging(staging: Path, fingerprint: str, force: bool, shard_files: list[str]) -> Kept:
-    """Decide what a resumed run can keep. Reads only; a journal of another plan is an error unless forced."""
+def _environment_changes(recorded: Any, now: dict[str, Any]) -> list[str]:
+    if not isinstance(recorded, dict):
+        return ["not recorded"]
+    return [f"{k} {recorded.get(k)} -> {now.get(k)}" for k in sorted(set(recorded) | set(now))
+            if recorded.get(k) != now.get(k)]
+
+
+def inspect_staging(staging: Path, fingerprint: str, force: bool, shard_files: list[str],
+                    environment: dict[str, Any] | None = None) -> Kept:
+    """Decide what a resumed run can keep. Reads only; a journal of another plan, or of another numerical
+    ``environment`` (torch, BLAS, CPU code path: other bits), is an error unless forced."""
     if not staging.is_dir() or staging.is_symlink():
         return Kept(note=f"no partial output at {staging}; started fresh")
     try:
@@ -224,6 +233,14 @@ def inspect_staging(staging: Path, fingerprint: str, force: bool, shard_files: l
         layer_reports = {int(k): dict(v) for k, v in layers.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return Kept(note=f"partial output at {staging} has no usable progress journal; started fresh")
+    changed = _environment_changes(doc.get("environment"), environment) if environment is not None else []
+    if changed and plan_fp != fingerprint and "not recorded" not in changed:
+        if force:
+            return Kept(note=f"partial output at {staging} was computed in another environment; discarded (--force)")
+        raise OutputError(
+            f"the partial output in {staging} was computed with another numerical environment "
+            f"({'; '.join(changed)}), which gives other bits: resuming would mix two; rerun without --resume to "
+            "start over (or with --force)")
     if plan_fp != fingerprint:
         if force:
             return Kept(note=f"partial output at {staging} was for another source or settings; discarded (--force)")
@@ -244,9 +261,11 @@ class Journal:
 
     ``shards`` and ``layers`` are live: the run adds to them and :meth:`save` writes what is known."""
 
-    def __init__(self, folder: Path, fingerprint: str, shards: dict[str, str], layers: dict[int, dict[str, Any]]):
+    def __init__(self, folder: Path, fingerprint: str, shards: dict[str, str], layers: dict[int, dict[str, Any]],
+                 environment: dict[str, Any] | None = None):
         self.path = folder / PROGRESS
         self.fingerprint, self.shards, self.layers = fingerprint, dict(shards), layers
+        self.environment = environment
 
     def save(self) -> None:
         doc = {
@@ -254,6 +273,7 @@ class Journal:
             "plan": self.fingerprint,
             "shards": dict(sorted(self.shards.items())),
             "layers": {str(k): v for k, v in sorted(self.layers.items())},
+            "environment": self.environment,
         }
         write_file_atomic(self.path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
 
@@ -328,24 +348,25 @@ class StagedRun:
 
 def open_staged_run(out: Path, *, fingerprint: str, shard_files: list[str], output_bytes: int, force: bool,
                     resume: bool, protect: list[Path], reuse_layers: range = range(0),
-                    command: str = "convert") -> StagedRun:
+                    command: str = "convert", environment: dict[str, Any] | None = None) -> StagedRun:
     """Lock OUT, then open its staging folder for a run of the plan ``fingerprint`` writing ``shard_files``.
 
     With ``resume``, what the journal of an interrupted run of the same plan proves is kept (shards whose
     sha256 still matches, the recorded reports of the layers in ``reuse_layers``); everything else in the
-    folder is removed. Checks first that the disk holds the ``output_bytes`` not already kept. The lock is
-    held until :meth:`StagedRun.commit` or :meth:`StagedRun.close`."""
+    folder is removed; a journal written in another numerical ``environment`` is refused by name. Checks first
+    that the disk holds the ``output_bytes`` not already kept. The lock is held until :meth:`StagedRun.commit`
+    or :meth:`StagedRun.close`."""
     staging = staging_path(out)
     lock = OutputLock(out, command).acquire()
     try:
-        kept = inspect_staging(staging, fingerprint, force, shard_files) if resume else Kept()
+        kept = inspect_staging(staging, fingerprint, force, shard_files, environment) if resume else Kept()
         kept_bytes = sum((staging / f).stat().st_size for f in kept.shards)
         ensure_free_space(staging, max(0, output_bytes - kept_bytes))
         staged = StagedOutput(out, force, protect=protect, resume=kept.continued, lock=lock)
         if kept.continued:
             clean_staging(staged.path, {MARKER, PROGRESS, *kept.shards})
         layers = {layer: r for layer, r in kept.layers.items() if layer in reuse_layers}
-        journal = Journal(staged.path, fingerprint, kept.shards, layers)
+        journal = Journal(staged.path, fingerprint, kept.shards, layers, environment)
         journal.save()
     except BaseException:
         lock.release()

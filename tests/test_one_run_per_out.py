@@ -125,3 +125,17 @@ def test_exports_into_a_held_destination_are_refused(clean, tmp_path):
     r = invoke("export", clean, dst, "--path", "gqa")
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
+
+
+def test_force_onto_a_symlinked_out_is_refused_up_front_and_stays_refusable(src, clean, tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "keep.txt").write_text("mine")
+    (tmp_path / "out").symlink_to(real)
+    for _ in range(2):  # the same one line every time: no state is left behind
+        r = invoke("convert", src, tmp_path / "out", *ARGS, "--force")
+        assert r.exit_code == 4 and "is a symbolic link" in one_error_line(r.stderr), r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "real"] and (real / "keep.txt").is_file()
+    r = invoke("convert", src, real, *ARGS, "--force")  # the folder itself
+    assert r.exit_code == 0, r.output
+    assert files_of(real) == files_of(clean)

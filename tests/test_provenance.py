@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
@@ -28,11 +27,7 @@ from conftest import make_source
 SETTINGS = dict(kv_lora_rank=24, qk_rope_dim=8, max_shard_bytes=20000)  # ~20 kB shards
 
 
-@pytest.fixture(autouse=True)
-def sigint_raises_keyboard_interrupt():
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
+pytestmark = pytest.mark.usefixtures("sigint_raises_keyboard_interrupt")  # conftest.py
 
 
 def interrupted(request: ConvertRequest, monkeypatch, kill: str = "shard:3") -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import json
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
@@ -26,11 +25,7 @@ runner = CliRunner()
 SMALL = ["--kv-lora-rank", "24", "--qk-rope-dim", "8", "--calib", "none"]
 
 
-@pytest.fixture(autouse=True)
-def sigint_raises_keyboard_interrupt():
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
+pytestmark = pytest.mark.usefixtures("sigint_raises_keyboard_interrupt")  # conftest.py
 
 
 def invoke(*args):

@@ -352,11 +352,18 @@ def _cast_converter(convert_layer, out_dtype: torch.dtype):
 
 
 
+def _all_finite(piece: memoryview, dtype: torch.dtype) -> bool:
+    """No NaN/Inf in ``piece``: ``max |x|`` is finite (a reduction propagates NaN; one pass, ~2x cheaper than
+    ``isfinite(x).all()`` on bfloat16)."""
+    return bool(torch.isfinite(torch.frombuffer(piece, dtype=dtype).abs().amax()))
+
+
 def _finite(spec: TensorSpec, pieces: Iterator[memoryview]) -> Iterator[memoryview]:
-    """``pieces`` of a copied tensor, each checked for NaN/Inf when the tensor is a float type."""
+    """``pieces`` of a copied tensor, each scanned for NaN/Inf when the tensor is a float type (a bad piece
+    raises, and the run discards its output)."""
     dtype = to_torch_dtype(spec.dtype) if spec.dtype in FLOAT_DTYPES else None
     for piece in pieces:
-        if dtype is not None and not bool(torch.isfinite(torch.frombuffer(piece, dtype=dtype)).all()):
+        if dtype is not None and not _all_finite(piece, dtype):
             raise InputError(f"tensor {spec.name} holds NaN or Inf values; the source is damaged")
         yield piece
 
@@ -408,10 +415,10 @@ class _Job:
     def stream_tensors(self, run: StagedRun, writer: ShardedWriter, needed: set[int]) -> dict[str, str]:
         """Every planned tensor in write order (converted ones from the math, the rest copied byte for byte;
         those in kept shards skipped); returns ``{file: sha256}`` of the shards and the index."""
+        copy_buffer = bytearray(COPY_BUFFER_BYTES)
         plan, reports, prefetch = self.plan, run.layers, self.prefetch
         assert prefetch is not None
         current: tuple[int, dict[str, torch.Tensor]] | None = None
-        copy_buffer = bytearray(COPY_BUFFER_BYTES)
         if self.progress:  # the starting point (layers a resumed run already has), before any new work
             self.progress("layers", len(reports), plan.geo.n_layers)
         for spec in plan.outputs:
@@ -437,7 +444,8 @@ class _Job:
             elif done:
                 writer.skip(spec.name)
             else:  # byte for byte, scanned for NaN/Inf on the way (a damaged source is refused, not copied)
-                writer.write_stream(spec.name, _finite(spec, plan.checkpoint.iter_bytes(spec.name, copy_buffer)))
+                pieces = plan.checkpoint.iter_bytes(spec.name, copy_buffer)
+                writer.write_stream(spec.name, _finite(spec, pieces))
             if not done:
                 self.hook("tensor")
         prefetch.close()

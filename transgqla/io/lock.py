@@ -50,7 +50,7 @@ def _holder(path: Path) -> str:
         return (f"pid {int(info['pid'])} on {info.get('host', '?')}, transgqla {info.get('command', '?')}, "
                 f"since {info.get('started', '?')}")
     except (OSError, ValueError, KeyError, TypeError):
-        return "a run that is starting"
+        return "a run reading it, or one that is starting"
 
 
 class OutputLock:

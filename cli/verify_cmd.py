@@ -81,6 +81,9 @@ def register(app: typer.Typer) -> None:
             None, "--text",
             help="UTF-8 text for KL, top-1 and perplexity (needs tokenizer.json); default: a built-in text."),
         seqlen: Seqlen = 512,
+        max_tokens: int = typer.Option(
+            1 << 17, "--max-tokens",
+            help="Score at most this many tokens of --text (read and tokenized in chunks up to it)."),
         tokens: int = typer.Option(32, "--tokens", help="Greedy tokens to generate on each path."),
         device: Device = "auto",
         dtype: str = typer.Option("float32", "--dtype", help="Compute dtype of the numerical checks: float32|float64."),
@@ -112,7 +115,7 @@ def register(app: typer.Typer) -> None:
             report = run_verify(
                 out_dir, source=source, text=text, device=device_name(device), tokens=tokens,
                 checks=checks.split(","), dtype=dtype, seqlen=seqlen, path_tol=path_tol,
-                bounds=FidelityBounds(max_attn_error, max_kl, min_top1, max_ppl_ratio),
+                bounds=FidelityBounds(max_attn_error, max_kl, min_top1, max_ppl_ratio), max_tokens=max_tokens,
             )
         except TransGQLAError as exc:
             fail(exc, as_json)

@@ -6,6 +6,7 @@ Tests never reach a hub: HF_HUB_OFFLINE is forced and every model is built here.
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,12 @@ def source_factory(tmp_path):
         return folder, model
 
     return build
+
+
+@pytest.fixture
+def sigint_raises_keyboard_interrupt():
+    """In-process interrupts (SIGINT from a test hook) must not depend on the disposition the test process
+    inherited: a process launched in the background by a shell starts with SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

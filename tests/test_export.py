@@ -68,9 +68,9 @@ def gqla(tmp_path_factory):
                 "mistral": ("mistral", torch.float32, 24, {"sliding_window": 64}),
             }[name]
             make_source(root / f"src-{name}", family, dtype=dtype, **extra)
-            run_convert(root / f"src-{name}", root / name, kv_lora_rank=rank, qk_rope_dim=8)
             if name == "qwen2":  # one checkpoint with a tokenizer: the check then scores a tokenized prompt
-                write_char_tokenizer(root / name)
+                write_char_tokenizer(root / f"src-{name}")
+            run_convert(root / f"src-{name}", root / name, kv_lora_rank=rank, qk_rope_dim=8)
             made[name] = root / name
         return made[name]
 

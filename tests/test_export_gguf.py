@@ -66,9 +66,9 @@ def gg(tmp_path_factory):
                 "llama3": ("llama", torch.float32, {"rope_parameters": LLAMA3}),
             }[name]
             make_source(root / f"src-{name}", family, dtype=dtype, **extra)
-            run_convert(root / f"src-{name}", root / name, kv_lora_rank=24, qk_rope_dim=8)
             if name == "eps5":
-                write_byte_level_tokenizer(root / name)
+                write_byte_level_tokenizer(root / f"src-{name}")
+            run_convert(root / f"src-{name}", root / name, kv_lora_rank=24, qk_rope_dim=8)
             made[name] = root / name
         return made[name]
 

@@ -93,7 +93,7 @@ def test_verify_on_a_mimo_export_reruns_the_export_check(gqla, tmp_path):
     dst = tmp_path / "mimo"
     export_json(out, dst, "--path", "gqa", "--format", "mimo")
     report = run_verify(dst, device="cpu")
-    assert report.ok and report.info["sections"] == ["export"]
+    assert report.ok and report.info["sections"] == ["structure", "export"]
     assert (report.get("export.kind").value == "mimo_v2_flash"
             and "export's own check" in report.get("export.kind").message)
     ref = report.get("export.reference")

@@ -37,12 +37,7 @@ ARGS = ["--kv-lora-rank", "24", "--qk-rope-dim", "8", "--max-shard-size", "0.000
 SETTINGS = dict(kv_lora_rank=24, qk_rope_dim=8, max_shard_bytes=20000)
 
 
-@pytest.fixture(autouse=True)
-def sigint_raises_keyboard_interrupt():
-    """In-process interrupts must not depend on the disposition the test process inherited."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
+pytestmark = pytest.mark.usefixtures("sigint_raises_keyboard_interrupt")  # conftest.py
 
 
 def invoke(*args):

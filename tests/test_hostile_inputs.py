@@ -143,7 +143,7 @@ def test_nan_or_inf_in_attention_weights(src, value):
 
 def test_layers_beyond_the_config(src):
     edit_config(src, num_hidden_layers=1)
-    assert "beyond num_hidden_layers=1" in refused(src, *SMALL)
+    assert "num_hidden_layers = 1, but the tensors hold 2 layers" in refused(src, *SMALL)
 
 
 # -- configs --------------------------------------------------------------------------------

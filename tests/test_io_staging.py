@@ -53,6 +53,7 @@ def test_a_resumed_run_keeps_verified_shards_and_reusable_reports_only(tmp_path)
     assert sorted(p.name for p in run.path.iterdir()) == sorted([MARKER, PROGRESS, SHARDS[0]])
     assert run.resume_info == {"staging": str(run.path), "continued": True, "shards_kept": 1, "shards_total": 3,
                                "note": f"resumed from {run.path}: 1 of 3 shards kept"}
+    run.close()
     assert _open(out, reuse_layers=range(0)).layers == {}  # a calibrated run recomputes every layer
 
 

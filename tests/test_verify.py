@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import string
 from pathlib import Path
 
@@ -19,8 +20,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from transgqla import hf_remote
 from transgqla.cli.verify_cmd import register
-from transgqla.format import AUTO_MAP, MANIFEST
+from transgqla.format import AUTO_MAP, MANIFEST, REMOTE_CODE
 from transgqla.io import sha256_file
 from transgqla.mathx.rope import interleaved_to_half
 from transgqla.verify import FidelityBounds, run_verify
@@ -155,7 +157,7 @@ def test_table_output(lossy):
     _, out = lossy
     r = invoke(out, "--tokens", 2, "--checks", "structure,paths,decode", "--device", "cpu")
     assert r.exit_code == 0, r.output
-    assert "all 8 checks passed" in r.stdout
+    assert "all 10 checks passed" in r.stdout
     for name in ("structure.manifest", "paths.equivalence", "decode.cache_bytes"):
         assert name in r.stdout
     assert r.stderr == ""
@@ -310,6 +312,8 @@ def write_gqla_checkpoint(out: Path, *, n_heads=8, n_groups=8, d=128, d_rope=64,
         "gqla": {"format_version": 1, "decode_path": "absorb", "source": {"source": "synthetic", "local": False}},
     }
     (out / "config.json").write_text(json.dumps(config))
+    for code in REMOTE_CODE:  # the runtime trust_remote_code=True loads: the installed package's copy
+        shutil.copy(Path(hf_remote.__file__).parent / code, out / code)
     files = {f.name: sha256_file(f) for f in out.iterdir()}
     (out / MANIFEST).write_text(json.dumps({"format_version": 1, "files": files}))
 

@@ -34,15 +34,16 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from . import __version__, hf_remote
+from .data_files import DataFiles, find_data_files, write_data_files
 from .errors import InputError, OutputError, UnsupportedError
 from .format import (
-    COPIED_FILES,
     DEFAULT_SHARD_BYTES,
+    FLOAT_DTYPES,
     MANIFEST,
     REMOTE_CODE,
     WRITER_METADATA,
@@ -53,7 +54,7 @@ from .format import (
     json_bytes,
     manifest,
 )
-from .io import SafetensorsCheckpoint, ShardedWriter, StagedRun, TensorSpec, copy_file_hashed, open_staged_run
+from .io import SafetensorsCheckpoint, ShardedWriter, StagedRun, TensorSpec, copy_file_sized, open_staged_run
 from .io.reader import COPY_BUFFER_BYTES
 from .io.safetensors_format import to_torch_dtype
 from .io.staging import JOURNAL_VERSION
@@ -61,8 +62,10 @@ from .io.writer import plan_shards, shard_file_name, write_file_atomic
 from .layer_converters import CalibratedConverter, DataFreeConverter
 from .layer_prefetch import LayerPrefetcher
 from .model_card import CARD, conversion_card, write_card
+from .plan_checks import refuse_unwritable
+from .provenance import numerical_environment
 from .settings import ConversionSettings, resolve_settings
-from .source_checkpoint import load_config, natural_key, resolve, validate_tensors
+from .source_checkpoint import check_layer_count, load_config, natural_key, resolve, validate_tensors
 from .source_geometry import SourceGeometry, read_geometry
 
 Progress = Callable[[str, int, int], None]
@@ -119,16 +122,17 @@ class ConversionPlan:
     checkpoint: SafetensorsCheckpoint
     outputs: list[TensorSpec]  # in write order
     converted: dict[str, tuple[int, str]]  # output name -> (layer, name relative to self_attn.)
-    copied_files: list[Path]
+    copied_files: DataFiles  # the source's tokenizer and generation files, checked (data only)
     windows: "torch.Tensor | None" = None  # calibration token windows [n, seqlen]
     math_threads: int = DEFAULT_MATH_THREADS  # torch threads for the per-layer math
     layer_workers: int = DATA_FREE_WORKERS  # background threads for the per-layer math
     notes: list[str] = field(default_factory=list)  # what the user should know before it runs (CLI: warnings)
     calib_sources: list[str] | None = None  # what each --calib resolved to (self with its seed), for the record
+    environment: dict[str, Any] = field(default_factory=dict)  # torch, BLAS, CPU path, device (provenance.py)
 
     @property
     def output_bytes(self) -> int:
-        return sum(s.nbytes for s in self.outputs) + sum(p.stat().st_size for p in self.copied_files)
+        return sum(s.nbytes for s in self.outputs) + self.copied_files.nbytes
 
 
 @dataclass
@@ -157,6 +161,7 @@ class ConversionResult:
             "bytes_written": sum(t.nbytes for t in self.plan.outputs),
             "seconds": round(self.seconds, 3),
             "resume": self.resume,
+            "notes": list(self.plan.notes),
         }
 
 
@@ -164,10 +169,14 @@ def plan_conversion(request: ConvertRequest) -> ConversionPlan:
     """Resolve, read and validate everything; fix the output tensor list. Writes nothing."""
     path, identity = resolve(request.source, request.revision)
     config = load_config(path)
+    ckpt = SafetensorsCheckpoint(path)  # index and headers only
+    check_layer_count(config, ckpt.names, path)  # before anything is built per layer
     geo = read_geometry(config)
-    ckpt = SafetensorsCheckpoint(path)
     identity["fingerprint"] = ckpt.fingerprint()
+    identity["path"] = str(path.resolve())  # verify finds the source from any folder
+    identity["shards"] = ckpt.shard_identities()
     validate_tensors(ckpt, geo, config)
+    copied = find_data_files(path)  # only the source's own files, only data (auto_map dropped)
     fam = geo.family
     src_dtype = ckpt.spec(fam.tensor(0, "q")).dtype
     if request.dtype is None:
@@ -178,7 +187,7 @@ def plan_conversion(request: ConvertRequest) -> ConversionPlan:
         raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {request.dtype!r}")
     else:
         out_dtype = request.dtype
-    calib, notes = request.calib, []
+    calib, notes = request.calib, list(copied.notes)
     if calib == [AUTO_CALIB]:  # the most general text available offline, when the source has a tokenizer
         from .calib.sources import resolve_auto
 
@@ -187,6 +196,8 @@ def plan_conversion(request: ConvertRequest) -> ConversionPlan:
             notes.append("--calib auto: the source has no tokenizer.json, so this conversion falls back to "
                          "weights-only statistics (data-free, method pca); pass --calib FILE with a source that "
                          "has a tokenizer for a calibrated conversion, or --calib none to silence this")
+    if request.max_shard_bytes <= 0:
+        raise InputError(f"--max-shard-size must be positive, got {request.max_shard_bytes} bytes")
     settings = resolve_settings(
         geo,
         kv_lora_rank=request.kv_lora_rank,
@@ -199,6 +210,8 @@ def plan_conversion(request: ConvertRequest) -> ConversionPlan:
         refine=request.refine,
         kv_budget=request.kv_budget,
     )
+    o_proj_bias = fam.tensor(0, "o", "bias") in ckpt  # what would be written wrong: refused before calibration
+    refuse_unwritable(config, geo, settings, identity, _plan_outputs(ckpt, geo, settings, out_dtype)[0], o_proj_bias)
     windows, calib_sources = None, None
     if calib:
         from .calib.sources import calibration_windows
@@ -211,6 +224,17 @@ def plan_conversion(request: ConvertRequest) -> ConversionPlan:
 
         settings = choose_split(ckpt, geo, config, windows, settings, lambda d_r: with_split(geo, settings, d_r),
                                 request.device, _math_threads_setting())
+    outputs, converted = _plan_outputs(ckpt, geo, settings, out_dtype)
+    return ConversionPlan(request, path, identity, config, geo, settings, ckpt, outputs, converted, copied, windows,
+                          _math_threads_setting(), _layer_workers(windows is not None), notes, calib_sources,
+                          numerical_environment(request.device))
+
+
+def _plan_outputs(ckpt: SafetensorsCheckpoint, geo: SourceGeometry, settings: ConversionSettings,
+                  out_dtype: str) -> tuple[list[TensorSpec], dict[str, tuple[int, str]]]:
+    """Every output tensor in write order (the source's, less q/k/v, plus the converted attention), and the
+    converted ones' ``name -> (layer, name relative to self_attn.)``."""
+    fam = geo.family
     replaced = {fam.tensor(l, p, k) for l in range(geo.n_layers) for p in ATTN_SOURCE_PARTS for k in ("weight", "bias")}
     outputs = [ckpt.spec(n) for n in ckpt.names if n not in replaced and not DROPPED_TENSORS.search(n)]
     shapes = AttentionDims.of_conversion(geo, settings).shapes()
@@ -221,11 +245,7 @@ def plan_conversion(request: ConvertRequest) -> ConversionPlan:
             converted[name] = (layer, rel)
             outputs.append(TensorSpec(name, DTYPES[out_dtype], shapes[rel]))
     outputs.sort(key=lambda s: natural_key(s.name))
-    copied = sorted(p for p in path.iterdir() if p.is_file() and COPIED_FILES.match(p.name))
-    if request.max_shard_bytes <= 0:
-        raise InputError(f"--max-shard-size must be positive, got {request.max_shard_bytes} bytes")
-    return ConversionPlan(request, path, identity, config, geo, settings, ckpt, outputs, converted, copied, windows,
-                          _math_threads_setting(), _layer_workers(windows is not None), notes, calib_sources)
+    return outputs, converted
 
 
 def _env_count(name: str, default: int, minimum: int) -> int:
@@ -254,8 +274,9 @@ def _layer_workers(calibrated: bool) -> int:
 
 
 def plan_fingerprint(plan: ConversionPlan) -> str:
-    """sha256 over everything the output shards' bytes depend on: source (headers, shard sizes and
-    modification times), settings, output tensor list and shard plan, calibration tokens, math threads."""
+    """sha256 over everything the output shards' bytes depend on: source (each shard's header hash, its content
+    hash where the Hub cache has one, sizes and modification times), settings, output tensor list and shard plan,
+    calibration tokens, math threads, and the numerical environment (torch, BLAS/LAPACK, CPU path, device)."""
     r = plan.request
     files = []
     for f in plan.checkpoint.files:
@@ -266,6 +287,8 @@ def plan_fingerprint(plan: ConversionPlan) -> str:
         "tool_version": __version__,
         "source_fingerprint": plan.checkpoint.fingerprint(),
         "source_files": files,
+        "source_shards": plan.identity.get("shards") or plan.checkpoint.shard_identities(),
+        "environment": plan.environment,
         "settings": plan.settings.to_dict(),
         "outputs": [[s.name, s.dtype, list(s.shape)] for s in plan.outputs],
         "shards": [[s.name for s in shard] for shard in plan_shards(plan.outputs, r.max_shard_bytes)],
@@ -329,6 +352,27 @@ def _cast_converter(convert_layer, out_dtype: torch.dtype):
 
 
 
+def _all_finite(x: torch.Tensor | memoryview, dtype: torch.dtype | None = None) -> bool:
+    """No NaN/Inf in ``x`` (a tensor, or raw bytes of ``dtype``): its min and max are finite (the reduction
+    propagates NaN). One pass and no temporary: ~25x cheaper than ``isfinite(x).all()`` on bfloat16
+    (benchmarks/README.md)."""
+    t = x if isinstance(x, torch.Tensor) else torch.frombuffer(x, dtype=dtype)
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t.reshape(-1))
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
+def _finite(spec: TensorSpec, pieces: Iterator[memoryview]) -> Iterator[memoryview]:
+    """``pieces`` of a copied tensor, each scanned for NaN/Inf when the tensor is a float type (a bad piece
+    raises, and the run discards its output)."""
+    dtype = to_torch_dtype(spec.dtype) if spec.dtype in FLOAT_DTYPES else None
+    for piece in pieces:
+        if dtype is not None and not _all_finite(piece, dtype):
+            raise InputError(f"tensor {spec.name} holds NaN or Inf values; the source is damaged")
+        yield piece
+
+
 class _Job:
     """One run of a plan: the steps of :func:`run_conversion` and what each leaves open (the staged run,
     the writer, the math thread), so that :meth:`settle` can apply the one failure policy."""
@@ -349,7 +393,7 @@ class _Job:
             r.out, fingerprint=plan_fingerprint(plan), shard_files=[shard_file_name(i, len(shards)) for i in
                                                                      range(len(shards))],
             output_bytes=plan.output_bytes, force=r.force, resume=r.resume, protect=[plan.source_path],
-            reuse_layers=reuse)
+            reuse_layers=reuse, environment=plan.environment)
         return self.run
 
     def open_writer(self, run: StagedRun) -> ShardedWriter:
@@ -376,10 +420,10 @@ class _Job:
     def stream_tensors(self, run: StagedRun, writer: ShardedWriter, needed: set[int]) -> dict[str, str]:
         """Every planned tensor in write order (converted ones from the math, the rest copied byte for byte;
         those in kept shards skipped); returns ``{file: sha256}`` of the shards and the index."""
+        copy_buffer = bytearray(COPY_BUFFER_BYTES)
         plan, reports, prefetch = self.plan, run.layers, self.prefetch
         assert prefetch is not None
         current: tuple[int, dict[str, torch.Tensor]] | None = None
-        copy_buffer = bytearray(COPY_BUFFER_BYTES)
         if self.progress:  # the starting point (layers a resumed run already has), before any new work
             self.progress("layers", len(reports), plan.geo.n_layers)
         for spec in plan.outputs:
@@ -397,23 +441,31 @@ class _Job:
                     writer.skip(spec.name)
                 else:
                     assert current is not None and current[0] == layer
-                    writer.write(spec.name, current[1][rel])
+                    tensor = current[1][rel]
+                    if not _all_finite(tensor):
+                        raise InputError(f"the converted {spec.name} is not finite (NaN or Inf): the source's layer "
+                                         f"{layer} overflows its dtype; try --dtype float32")
+                    writer.write(spec.name, tensor)
             elif done:
                 writer.skip(spec.name)
-            else:
-                writer.write_stream(spec.name, plan.checkpoint.iter_bytes(spec.name, copy_buffer))
+            else:  # byte for byte, scanned for NaN/Inf on the way (a damaged source is refused, not copied)
+                pieces = plan.checkpoint.iter_bytes(spec.name, copy_buffer)
+                writer.write_stream(spec.name, _finite(spec, pieces))
             if not done:
                 self.hook("tensor")
         prefetch.close()
         return writer.close()
 
     def settle(self, exc: BaseException) -> None:
-        """The one failure policy. Bad input found while converting (NaN weights, a shard changed underneath)
-        removes the staging folder: nothing worth resuming. Output errors (disk full) and interrupts keep
-        it, marked INCOMPLETE, and say so in one line. Raises that line; returns to re-raise ``exc`` as is."""
+        """The one failure policy. Anything raised before the first shard is finished, and bad input found while
+        converting (NaN weights, a shard changed underneath), removes the staging folder: nothing worth resuming.
+        Output errors (disk full) and interrupts after that keep it, marked INCOMPLETE, and say so in one line.
+        Raises that line; returns to re-raise ``exc`` as is."""
         if self.writer is not None:
             self.writer.abort()
         run = self.run
+        if run is not None and run.kept_on_disk and not run.journal.shards:
+            run.discard()  # no shard finished (nor kept): nothing worth resuming, whatever went wrong
         kept = run is not None and run.kept_on_disk
         if isinstance(exc, (InputError, UnsupportedError)):
             if run is not None:
@@ -430,26 +482,34 @@ class _Job:
     def close(self) -> None:
         if self.prefetch is not None:
             self.prefetch.close()
+        if self.run is not None:
+            self.run.close()  # OUT's lock: released once committed, kept, or discarded
         self.plan.checkpoint.close()
         torch.set_num_threads(self.torch_threads)  # the worker pinned the process-wide count
 
 
-def _copy_files(plan: ConversionPlan, folder: Path) -> dict[str, str]:
-    """The source's tokenizer and generation files, and the remote code (``trust_remote_code=True`` loading)."""
-    files = {f.name: copy_file_hashed(f, folder / f.name) for f in plan.copied_files}
+def _copy_files(plan: ConversionPlan, folder: Path, sizes: dict[str, int]) -> dict[str, str]:
+    """The source's tokenizer and generation files, and the remote code (``trust_remote_code=True`` loading);
+    returns ``{file: sha256}`` and records each file's bytes in ``sizes``."""
+    files = write_data_files(plan.copied_files, folder, sizes)
     for code in REMOTE_CODE:
-        files[code] = copy_file_hashed(Path(hf_remote.__file__).parent / code, folder / code)
+        files[code], sizes[code] = copy_file_sized(Path(hf_remote.__file__).parent / code, folder / code)
     return files
 
 
-def _write_config(plan: ConversionPlan, folder: Path, layer_reports: list[dict[str, Any]]) -> str:
-    """config.json (the format's builder); returns its sha256."""
-    config = build_config(plan.source_config, plan.geo, plan.settings, plan.identity, layer_reports,
-                          o_proj_bias=plan.geo.family.tensor(0, "o", "bias") in plan.checkpoint,
-                          calibration=_calibration_record(plan))
-    data = json_bytes(config)
-    write_file_atomic(folder / "config.json", data)
+def _write_json(folder: Path, name: str, doc: Any, sizes: dict[str, int]) -> str:
+    """One JSON file of the checkpoint, written atomically; returns its sha256 and records its bytes."""
+    data = json_bytes(doc)
+    write_file_atomic(folder / name, data)
+    sizes[name] = len(data)
     return hashlib.sha256(data).hexdigest()
+
+
+def _config(plan: ConversionPlan, layer_reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """config.json (the format's builder)."""
+    return build_config(plan.source_config, plan.geo, plan.settings, plan.identity, layer_reports,
+                        o_proj_bias=plan.geo.family.tensor(0, "o", "bias") in plan.checkpoint,
+                        calibration=_calibration_record(plan), environment=plan.environment)
 
 
 def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> ConversionResult:
@@ -465,14 +525,16 @@ def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> Co
         writer = job.open_writer(run)                      # 2. the planned shards (kept ones are skipped)
         needed = job.start_math(run, writer)               # 3. the layer math, on its own thread
         files = job.stream_tensors(run, writer, needed)    # 4. convert + copy every tensor; shards, index
-        files |= _copy_files(plan, run.path)               # 5. tokenizer, generation files, remote code
+        sizes = dict(writer.sizes)
+        files |= _copy_files(plan, run.path, sizes)        # 5. tokenizer, generation files, remote code
         layer_reports = [run.layers[layer] for layer in sorted(run.layers)]
-        files["config.json"] = _write_config(plan, run.path, layer_reports)  # 6. config, card, then the manifest
+        files["config.json"] = _write_json(run.path, "config.json", _config(plan, layer_reports), sizes)
         files[CARD] = write_card(run.path, conversion_card(json.loads((run.path / "config.json").read_text())))
-        write_file_atomic(run.path / MANIFEST, json_bytes(manifest(files)))
-        run.finish()                                       # 7. commit: drop the journal, rename to OUT
-        job.hook("commit")
-        out = run.commit()
+        sizes[CARD] = (run.path / CARD).stat().st_size      # 6. config, card, then the manifest
+        _write_json(run.path, MANIFEST, manifest(files, sizes=sizes), sizes)
+        run.finish()                                       # 7. commit: drop the journal, check every file
+        job.hook("commit")                                 #    is in place with its size, rename to OUT
+        out = run.commit(sizes)
     except BaseException as exc:
         job.settle(exc)
         raise

@@ -25,7 +25,7 @@ from .model.layerwise import LayerwiseModel
 from .model.lazy import CheckpointTensors
 from .source_checkpoint import load_config, resolve
 from .source_geometry import read_geometry
-from .text.pipeline import load_tokenizer, read_sources, token_windows
+from .text.pipeline import load_tokenizer, source_windows
 
 
 @dataclass
@@ -98,7 +98,7 @@ def perplexity(model: str, text: list[str], *, seqlen: int = 512, max_tokens: in
         path = path or config.get("gqla", {}).get("decode_path", "absorb")
     elif path is not None:
         raise InputError("--path applies to GQLA checkpoints only")
-    windows = token_windows(read_sources(text), load_tokenizer(folder), seqlen, max_tokens)
+    windows = source_windows(text, load_tokenizer(folder), seqlen, max_tokens)  # streamed up to max_tokens
     total, count = layerwise_nll(open_layerwise(folder, config, device=device), windows, path)
     kind = "gqla" if is_gqla else config["architectures"][0]
     return PerplexityResult(model=model, kind=kind, path=path, perplexity=math.exp(total / count), nll=total / count,

@@ -10,7 +10,7 @@ A checkpoint folder:
 ``model-0000i-of-0000N.safetensors``          shards; header metadata :data:`WRITER_METADATA`
 ``model.safetensors.index.json``              tensor -> shard
 ``configuration_gqla.py``, ``modeling_gqla.py``  :data:`REMOTE_CODE` (``trust_remote_code=True`` loading)
-tokenizer and generation files                :data:`COPIED_FILES`, byte for byte from the source
+tokenizer and generation files                :data:`COPIED_FILES`, from the source (data only, no ``auto_map``)
 ``transgqla-manifest.json``                   :data:`MANIFEST`: sha256 of every other file
 ============================================  ==============================================================
 
@@ -32,7 +32,6 @@ RoPE rows are interleaved (pair ``p`` = dims ``2p, 2p + 1``, ``rope_interleave: 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -51,10 +50,15 @@ DECODE_PATHS = ("absorb", "gqa")
 AUTO_MAP = {"AutoConfig": "configuration_gqla.GQLAConfig", "AutoModelForCausalLM": "modeling_gqla.GQLAForCausalLM"}
 MANIFEST = "transgqla-manifest.json"
 REMOTE_CODE = ("configuration_gqla.py", "modeling_gqla.py")
-COPIED_FILES = re.compile(
-    r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.json|merges\.txt|"
-    r"generation_config\.json|chat_template.*|.*\.tiktoken|tokenizer\.model)$"
+#: The tokenizer and generation files a checkpoint carries from its source: exact names, data only, never code
+#: (:mod:`transgqla.data_files` copies them under the shard rule).
+COPIED_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "merges.txt", "vocab.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+    "generation_config.json",
 )
+#: Keys of copied files that name code shipped beside them (loaded by ``trust_remote_code=True``): dropped.
+CODE_POINTERS = {"tokenizer_config.json": ("auto_map",)}
 #: Shard size cap when none is given: 5 GB, decimal (5 * 10**9 bytes), as Hugging Face's ``max_shard_size="5GB"``.
 DEFAULT_SHARD_BYTES = 5 * 10**9
 WRITER_METADATA = {"gqla_format_version": str(FORMAT_VERSION)}  # in every shard header
@@ -73,9 +77,13 @@ def json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
-def manifest(files: dict[str, str], export: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The manifest document: ``{file: sha256}`` of every other file (and, for an export, where it came from)."""
+def manifest(files: dict[str, str], export: dict[str, Any] | None = None,
+             sizes: dict[str, int] | None = None) -> dict[str, Any]:
+    """The manifest document: ``{file: sha256}`` of every other file, ``{file: bytes}`` when known (checked
+    before OUT is committed, and by verify), and, for an export, where it came from."""
     doc: dict[str, Any] = {"format_version": FORMAT_VERSION, "files": dict(sorted(files.items()))}
+    if sizes is not None:
+        doc["sizes"] = {name: int(sizes[name]) for name in sorted(files)}
     if export is not None:
         doc["export"] = export
     return doc
@@ -175,6 +183,7 @@ def build_config(
     decode_path: str = "absorb",
     o_proj_bias: bool = False,
     calibration: dict[str, Any] | None = None,
+    environment: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``config.json`` of a converted checkpoint: the source's keys with the GQLA ones over them."""
     cfg = {k: v for k, v in source_config.items() if k not in ("auto_map", "_name_or_path", "transformers_version")}
@@ -194,7 +203,7 @@ def build_config(
         "source": {**source_identity, "architecture": geo.architecture, "model_type": source_config.get("model_type")},
         "family": geo.block.record(),  # the whole decoder block the runtime and the reference decoders build
         "conversion": {"tool": "transgqla", "tool_version": __version__, **settings.to_dict(),
-                       "calibration": calibration},
+                       "calibration": calibration, "environment": environment},
         "layers": layer_reports,
     }
     return cfg
@@ -207,9 +216,9 @@ def config_problems(cfg: dict[str, Any]) -> list[str]:
         p.append(f"architectures is {cfg.get('architectures')!r}, expected [{ARCHITECTURE!r}]")
     if cfg.get("model_type") != MODEL_TYPE:
         p.append(f"model_type is {cfg.get('model_type')!r}, expected {MODEL_TYPE!r}")
-    auto = cfg.get("auto_map")
-    if not isinstance(auto, dict) or not set(AUTO_MAP) <= set(auto):
-        p.append("auto_map must name " + " and ".join(AUTO_MAP))
+    if cfg.get("auto_map") != AUTO_MAP:  # exactly: anything else makes trust_remote_code=True run other code
+        p.append("auto_map must name " + " and ".join(f"{k}: {v}" for k, v in AUTO_MAP.items()) + " and nothing "
+                 f"else, got {cfg.get('auto_map')!r}"[:300])
     for key in INT_KEYS:
         v = cfg.get(key)
         if key not in cfg:

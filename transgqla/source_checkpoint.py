@@ -26,6 +26,28 @@ def natural_key(name: str) -> list[Any]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
+LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def stored_layers(names: list[str]) -> int:
+    """How many decoder layers the tensor names hold: 1 + the largest ``layers.N.`` index (0 when none)."""
+    found = [int(m.group(1)) for n in names if (m := LAYER_INDEX.search(n))]
+    return max(found) + 1 if found else 0
+
+
+def check_layer_count(config: dict[str, Any], names: list[str], where: Path | str) -> None:
+    """One-line InputError unless ``num_hidden_layers`` equals the layer count of the tensor names: checked
+    before anything is built per layer, so a config claiming 10^9 layers costs nothing. A missing or
+    non-integer count is left to the geometry's own message."""
+    n = config.get("num_hidden_layers")
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        return
+    stored = stored_layers(names)
+    if n != stored:
+        raise InputError(f"{where}: config.json says num_hidden_layers = {n}, but the tensors hold {stored} "
+                         "layers; the config does not describe these weights")
+
+
 def load_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():

@@ -95,6 +95,14 @@ def read_geometry(config: dict[str, Any]) -> SourceGeometry:
         raise InputError(f"config.json: unreadable RoPE settings (rope_theta / rope_scaling / rope_parameters): {exc}".splitlines()[0]) from None
     if not math.isfinite(base) or base <= 1.0:
         raise InputError(f"config.json: rope_theta must be a finite number above 1, found {base!r}")
+    eps = config.get("rms_norm_eps", 1e-6)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise InputError(f"config.json: rms_norm_eps must be a finite positive number, found {eps!r}")
+    try:
+        block = family.block(config)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise InputError(f"config.json: the {family.name} block's settings cannot be read ({type(exc).__name__}: "
+                         f"{exc})".splitlines()[0]) from None
     return SourceGeometry(
         family=family,
         architecture=config["architectures"][0],
@@ -106,5 +114,5 @@ def read_geometry(config: dict[str, Any]) -> SourceGeometry:
         qkv_bias=family.has_qkv_bias(config),
         rope_base=base,
         rope_scaling=scaling,
-        block=family.block(config),
+        block=block,
     )

@@ -23,16 +23,20 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from ..errors import InputError
-from ..text.pipeline import load_tokenizer, read_sources, token_windows
+from ..text.pipeline import check_sources, load_tokenizer, source_windows, stream_ids
+from ..text.pipeline import ids_windows as token_windows_of
+from ..text.reading import file_parts, joined
 from .self_text import SEED as SELF_SEED
 from .self_text import self_generated
 
 SELF, HF, AUTO = "self", "hf:", "auto"
 # Dataset repositories tried by ``auto``, most general first, when they sit in the local hub cache.
+MAX_JSON_BYTES = 256 << 20  # a whole-file .json dataset is read at once
 GENERAL_DATASETS = ("hf:Salesforce/wikitext:wikitext-103-raw-v1:train",
                     "hf:Salesforce/wikitext:wikitext-2-raw-v1:train", "hf:allenai/c4:en:train")
 
@@ -79,29 +83,44 @@ def _split_files(root: Path, config: str | None, split: str) -> list[Path]:
     return found
 
 
-def _file_texts(path: Path) -> list[str]:
+def _file_parts(path: Path) -> Iterator[Iterator[str]]:
+    """A dataset file's texts as parts (one per record, stripped; a ``.txt`` file whole), read in bounded
+    memory: parquet batch by batch, ``.jsonl`` and ``.txt`` through the text reader."""
     if path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError:
             raise InputError(f"{path.name} is a parquet file: reading it needs pyarrow (pip install pyarrow)") from None
-        table = pq.read_table(path)
-        if "text" not in table.column_names:
-            raise InputError(f"{path}: no 'text' column (columns: {', '.join(table.column_names)})")
-        return [str(t) for t in table.column("text").to_pylist() if t]
-    if path.suffix == ".txt":
-        return [path.read_text(encoding="utf-8", errors="replace")]
-    raw = path.read_text(encoding="utf-8", errors="replace")
+        table = pq.ParquetFile(path)
+        if "text" not in table.schema_arrow.names:
+            raise InputError(f"{path}: no 'text' column (columns: {', '.join(table.schema_arrow.names)})")
+        for batch in table.iter_batches(batch_size=1024, columns=["text"]):
+            for t in batch.column(0).to_pylist():
+                if t and str(t).strip():
+                    yield iter((str(t).strip(),))
+        return
+    if path.suffix in (".txt", ".jsonl"):
+        for part in file_parts(path, "--calib"):
+            if path.suffix == ".txt":
+                yield part
+            else:
+                yield iter(("".join(part).strip(),))
+        return
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise InputError(f"{path}: a .json dataset file over {MAX_JSON_BYTES >> 20} MiB; use its .jsonl or "
+                         "parquet form")
     try:
-        lines = [line for line in raw.splitlines() if line.strip()]
-        rows = json.loads(raw) if path.suffix == ".json" else [json.loads(line) for line in lines]
-        return [str(r["text"]) for r in rows if r["text"]]
+        rows = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+        for r in rows:
+            if r["text"] and str(r["text"]).strip():
+                yield iter((str(r["text"]).strip(),))
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
         raise InputError(f"{path}: expected JSON records with a 'text' field") from None
 
 
-def hf_text(spec: str) -> str:
-    """The text of a cached ``hf:REPO[:CONFIG[:SPLIT]]`` dataset; one-line errors when it is not usable."""
+def hf_parts(spec: str) -> Iterator[Iterator[str]]:
+    """The texts of a cached ``hf:REPO[:CONFIG[:SPLIT]]`` dataset, streamed; one-line errors when it is not
+    usable (checked before the first text is read)."""
     repo, config, split = _parse_hf(spec)
     root = cached_dataset(repo)
     if root is None:
@@ -111,10 +130,15 @@ def hf_text(spec: str) -> str:
     if not files:
         raise InputError(f"dataset {repo} (cached at {root}) has no data files for config {config or '(any)'} "
                          f"split {split}")
-    texts = [t for f in files for t in _file_texts(f)]
-    text = "\n\n".join(t.strip() for t in texts if t.strip())
+    for f in files:
+        yield from _file_parts(f)
+
+
+def hf_text(spec: str) -> str:
+    """The whole text of a cached dataset (small ones; calibration streams :func:`hf_parts`)."""
+    text = "".join(joined(hf_parts(spec)))
     if not text:
-        raise InputError(f"dataset {repo}: split {split} holds no text")
+        raise InputError(f"dataset {spec[len(HF):]}: the split holds no text")
     return text
 
 
@@ -143,6 +167,7 @@ def calibration_windows(specs: list[str], model_folder: Path, seqlen: int, token
                         seed: int = SELF_SEED) -> CalibrationSet:
     """Windows of every source in ``specs`` (``tokens // len(specs)`` tokens each, at least one window),
     interleaved round robin."""
+    check_sources([s for s in specs if s != SELF and not s.startswith(HF)], "--calib")  # before any work
     share = max(seqlen, tokens // len(specs))
     per_source, names = [], []
     tok = None
@@ -152,8 +177,13 @@ def calibration_windows(specs: list[str], model_folder: Path, seqlen: int, token
             names.append(f"self:seed={seed}")
             continue
         tok = tok or load_tokenizer(model_folder)
-        text = hf_text(spec) if spec.startswith(HF) else read_sources([spec])
-        per_source.append(token_windows(text, tok, seqlen, share))
+        if spec.startswith(HF):
+            ids = stream_ids(joined(hf_parts(spec)), tok, share)
+            if ids.numel() == 0:
+                raise InputError(f"dataset {spec[len(HF):]}: the split holds no text")
+            per_source.append(token_windows_of(ids, seqlen))
+        else:  # read and tokenized in chunks until the share is met: memory flat in the file's size
+            per_source.append(source_windows([spec], tok, seqlen, share, flag="--calib"))
         names.append(spec)
     rows = [w for i in range(max(len(p) for p in per_source)) for p in per_source if i < len(p) for w in [p[i]]]
     return CalibrationSet(torch.stack(rows), names)

@@ -14,6 +14,8 @@ Forms (``--path`` / ``--format`` / ``--fold-kv``):
 * ``absorb``, format ``gguf``: one llama.cpp GGUF file (``deepseek2``, latent cache), ``--outtype``
   f32/f16/bf16/q8_0, checked by llama.cpp itself when installed. See :mod:`.gguf` and :mod:`.gguf_export`.
 
+OUT must match its manifest first (:func:`transgqla.integrity.require_manifest`: no symlinks, every file's size
+and sha256, nothing unlisted), under a shared lock that keeps a ``convert --force`` from replacing it meanwhile.
 Every export is written into a staging folder and checked (:mod:`.check`): a byte-identical one by the
 hashes of its files against OUT's manifest, a rewritten one against the GQLA reference decoder on OUT, whole
 or layer by layer in bounded memory (:mod:`.layerwise`); DST appears only when the check passes. A failed check
@@ -31,7 +33,8 @@ from typing import Any
 from .. import devices
 from ..errors import InputError, VerificationError
 from ..format import DEFAULT_SHARD_BYTES, MANIFEST
-from ..io import StagedOutput, ensure_free_space
+from ..integrity import require_manifest
+from ..io import OutputLock, StagedOutput, ensure_free_space
 from .check import (
     CHECK_MODES,
     Candidate,
@@ -169,9 +172,18 @@ def run_export(req: ExportRequest) -> ExportResult:
 
         return run(req)
     device = str(devices.resolve_device(req.device))  # the one --device parser
+    reading = OutputLock(Path(req.out), "export (reading)", shared=True).acquire()  # no convert replaces OUT now
+    try:
+        return _run_folder_export(req, device, start)
+    finally:
+        reading.release()
+
+
+def _run_folder_export(req: ExportRequest, device: str, start: float) -> ExportResult:
     src = open_gqla(Path(req.out))
     staged: StagedOutput | None = None
     try:
+        require_manifest(src.folder)  # a damaged or edited OUT is refused before anything is written
         warnings: list[str] = []
         written, padding = src, None  # what the writer reads: OUT, or OUT zero-padded to a kernel's shape
         if req.kernel_shape is not None:
@@ -188,7 +200,7 @@ def run_export(req: ExportRequest) -> ExportResult:
             from .mimo import check_supported as mimo_supported
 
             warnings += mimo_supported(src)
-        staged = StagedOutput(Path(req.dst), req.force, protect=[src.folder])
+        staged = StagedOutput(Path(req.dst), req.force, protect=[src.folder], command="export")
         total = sum(written.ckpt.spec(n).nbytes for n in written.ckpt.names)
         ensure_free_space(staged.path, int(total * (1.25 if req.format == "deepseek" else 1.0)))
         details, candidate = _write(req, written, staged.path, warnings)
@@ -204,16 +216,19 @@ def run_export(req: ExportRequest) -> ExportResult:
             tol = req.tolerance if req.tolerance is not None else tolerance_for(src.dtype, rerounded)
             check = run_check(src.folder, src.config, staged.path, dst_config, candidate, tol, device,
                               tokens_required=tokens_must_match(src.dtype, rerounded), mode=req.check)
+        warnings += src.notes
         committed = False
         if check.ok:
             _write_card(staged.path, ExportResult(req, False, check, details, warnings).summary())
-            staged.commit()
+            staged.commit(manifest_sizes(staged.path))
             committed = True
         return ExportResult(req, committed, check, details, warnings, time.perf_counter() - start)
     finally:
         src.close()
         if staged is not None and not staged.committed:
             shutil.rmtree(staged.path, ignore_errors=True)
+        if staged is not None:
+            staged.close()
 
 
 def _write_card(folder: Path, summary: dict[str, Any]) -> None:
@@ -226,6 +241,8 @@ def _write_card(folder: Path, summary: dict[str, Any]) -> None:
     digest = write_card(folder, export_card(_read_json(folder / "config.json"), summary))
     doc = json.loads((folder / MANIFEST).read_text())
     doc["files"] = dict(sorted({**doc["files"], CARD: digest}.items()))
+    if "sizes" in doc:  # what the commit checks is in place, and verify compares first
+        doc["sizes"] = dict(sorted({**doc["sizes"], CARD: (folder / CARD).stat().st_size}.items()))
     (folder / MANIFEST).write_bytes(json_bytes(doc))
 
 
@@ -255,3 +272,12 @@ def _read_json(path: Path) -> dict:
     import json
 
     return json.loads(path.read_text())
+
+
+def manifest_sizes(folder: Path) -> dict[str, int]:
+    """``{file: bytes}`` of everything the staged export's manifest lists, and the manifest itself: what its
+    commit checks is in place before the rename."""
+    path = folder / MANIFEST
+    sizes = dict(_read_json(path).get("sizes") or {})
+    sizes[MANIFEST] = path.stat().st_size
+    return sizes

@@ -27,7 +27,9 @@ from typing import Any
 import torch
 
 from ..errors import InputError, OutputError
-from ..io import ensure_free_space
+from ..integrity import require_manifest
+from ..io import OutputLock, ensure_free_space
+from ..io.writer import guard_write
 from .check import FULL_CHECK_BYTES, GREEDY_TOKENS, CheckResult, compare, float32_bytes, prompt_ids, reference_outputs
 from .gguf import OUTTYPES, check_supported, resolve_outtype, write_gguf
 from .gguf_check import llama_cpp_available, llama_cpp_outputs, torch_outputs
@@ -121,17 +123,26 @@ def run(req: Any) -> Any:
         raise InputError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {req.outtype!r}")
     if req.check == "layerwise":
         raise InputError("--format gguf is checked whole (llama.cpp runs the file); drop --check layerwise")
-    src = open_gqla(Path(req.out))
+    reading = OutputLock(Path(req.out), "export (reading)", shared=True).acquire()
+    writing: OutputLock | None = None
+    try:
+        src = open_gqla(Path(req.out))
+    except BaseException:
+        reading.release()
+        raise
     staging: Path | None = None
     try:
+        require_manifest(src.folder)  # a damaged or edited OUT is refused before anything is written
         warnings = check_supported(src)
         outtype = resolve_outtype(req.outtype, src.dtype)
         vocab = read_vocab(src.folder, src.config, int(src.config["vocab_size"]))
         warnings += vocab.warnings
-        dst, staging = _destination(Path(req.dst), src.folder, req.force)
-        staging.unlink(missing_ok=True)
+        dst, partial = _destination(Path(req.dst), src.folder, req.force)
+        writing = OutputLock(dst, "export").acquire()  # one run per DST: the staging name is fixed
+        staging = partial
+        guard_write(staging, lambda: staging.unlink(missing_ok=True))
         ensure_free_space(staging.parent, _estimated_bytes(src, outtype))
-        details = write_gguf(src, staging, outtype, vocab, name=src.folder.name)
+        details = guard_write(staging, lambda: write_gguf(src, staging, outtype, vocab, name=src.folder.name))
         details["target"] = f"llama.cpp deepseek2, {outtype}"
         src.close()
         from ..devices import resolve_device
@@ -139,10 +150,16 @@ def run(req: Any) -> Any:
         check = run_check(src.folder, src.config, staging, outtype, req.tolerance, str(resolve_device(req.device)))
         committed = False
         if check.ok:
-            staging.replace(dst)
+            guard_write(dst, lambda: staging.replace(dst))
             committed = True
         return ExportResult(req, committed, check, details, warnings, time.perf_counter() - start)
     finally:
         src.close()
         if staging is not None and staging.exists():
-            staging.unlink()
+            try:
+                staging.unlink()
+            except OSError:
+                pass  # a failing disk: the one error line already says what happened
+        if writing is not None:
+            writing.release()
+        reading.release()

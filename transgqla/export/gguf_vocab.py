@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..io.source_files import read_checked
+
 #: Llama-3's split regex (tiktoken style): ``llama-bpe`` in llama.cpp.
 LLAMA3_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
                 "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
@@ -28,6 +30,7 @@ LLAMA3_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{
 QWEN2_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
                "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5  # gguf.TokenType values
+MAX_JSON_BYTES = 256 << 20  # a tokenizer.json is megabytes
 
 
 @dataclass
@@ -50,9 +53,12 @@ class Vocab:
 
 
 def _read_json(path: Path) -> Any:
+    """The file's JSON, None when absent or not JSON; read under the shard rule (a link out of OUT is an error)."""
+    if not path.is_symlink() and not path.exists():
+        return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return json.loads(read_checked(path.parent, path.name, MAX_JSON_BYTES))
+    except ValueError:
         return None
 
 

@@ -39,7 +39,8 @@ from typing import Any
 import torch
 
 from .. import __version__, hf_remote
-from ..errors import InputError
+from ..data_files import write_data_files
+from ..errors import InputError, OutputError
 from ..format import MANIFEST, REMOTE_CODE, json_bytes, manifest
 from ..io import TensorSpec, copy_file_hashed
 from ..io.safetensors_format import to_torch_dtype
@@ -58,14 +59,21 @@ def _write_json(folder: Path, name: str, obj: Any, files: dict[str, str]) -> Non
 
 def finish(src: GQLACheckpoint, folder: Path, config: dict, files: dict[str, str], remote_code: bool,
            export_info: dict | None = None) -> dict[str, str]:
-    """Copy tokenizer/generation files (and the remote code), write config.json and the manifest."""
-    for f in src.extra_files():
-        files[f.name] = copy_file_hashed(f, folder / f.name)
+    """Copy tokenizer/generation files (and the remote code), write config.json and the manifest (hashes and
+    sizes; the sizes are what the commit checks are still in place)."""
+    files |= write_data_files(src.extra_files(), folder)
     if remote_code:
         for code in REMOTE_CODE:
             files[code] = copy_file_hashed(Path(hf_remote.__file__).parent / code, folder / code)
     _write_json(folder, "config.json", config, files)
-    _write_json(folder, MANIFEST, manifest(files, export_info), {})
+    sizes = {}
+    for name in files:
+        try:
+            sizes[name] = (folder / name).stat().st_size
+        except OSError:
+            raise OutputError(f"{folder / name} vanished while the export was written (changed by another "
+                              "program?)") from None
+    _write_json(folder, MANIFEST, manifest(files, export_info, sizes), {})
     return files
 
 

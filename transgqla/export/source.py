@@ -4,18 +4,20 @@ its geometry, per-layer attention tensors, and the streaming writer the rewritte
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from ..data_files import DataFiles, find_data_files
 from ..errors import InputError
-from ..format import COPIED_FILES, FLOAT_DTYPES, FORMAT_VERSION, MANIFEST, MODEL_TYPE, attention_tensors
+from ..format import FLOAT_DTYPES, FORMAT_VERSION, MANIFEST, MODEL_TYPE, REMOTE_CODE, attention_tensors
 from ..io import SafetensorsCheckpoint, ShardedWriter, TensorSpec
 from ..io.reader import COPY_BUFFER_BYTES
 from ..io.safetensors_format import to_torch_dtype
 from ..model.geometry import GQLAGeometry
+from ..source_checkpoint import check_layer_count
 
 ATTN = "model.layers.{}.self_attn."
 
@@ -27,6 +29,7 @@ class GQLACheckpoint:
     geo: GQLAGeometry
     ckpt: SafetensorsCheckpoint
     dtype: str  # safetensors dtype of the attention weights
+    notes: list[str] = field(default_factory=list)  # what the export dropped from OUT (its warnings)
 
     def attn(self, layer: int, rel: str) -> str:
         return ATTN.format(layer) + rel
@@ -43,8 +46,12 @@ class GQLACheckpoint:
             return {}
         return files if isinstance(files, dict) else {}
 
-    def extra_files(self) -> list[Path]:
-        return sorted(p for p in self.folder.iterdir() if p.is_file() and COPIED_FILES.match(p.name))
+    def extra_files(self) -> DataFiles:
+        """OUT's tokenizer and generation files under the same rule as convert's (data only, no auto_map);
+        what was dropped goes to :attr:`notes`."""
+        found = find_data_files(self.folder, own_code=REMOTE_CODE)
+        self.notes += [n for n in found.notes if n not in self.notes]
+        return found
 
     def close(self) -> None:
         self.ckpt.close()
@@ -86,6 +93,7 @@ def open_gqla(folder: Path) -> GQLACheckpoint:
                          f"{geo.n_groups}")
     ckpt = SafetensorsCheckpoint(folder)
     try:
+        check_layer_count(config, ckpt.names, folder)  # before the per-layer loop
         for layer in range(geo.n_layers):
             for rel, shape in list(required.items()) + list(optional.items()):
                 name = ATTN.format(layer) + rel

@@ -18,8 +18,9 @@ from transgqla.errors import InputError
 
 __all__ = ["HUB_ALLOW_PATTERNS", "ResolvedSource", "resolve_source"]
 
-#: Files conversion needs from a Hub repo: configs, weights, tokenizer assets.
-HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt"]
+#: Files conversion needs from a Hub repo: configs, weights, tokenizer assets by exact name; never code (a
+#: ``tokenizer*`` pattern would fetch a repository's ``tokenizer_*.py``).
+HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "merges.txt", "vocab.txt", "chat_template.jinja"]
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 

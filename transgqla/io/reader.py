@@ -36,6 +36,7 @@ SINGLE_NAME = "model.safetensors"
 #: The buffer a whole-tensor copy streams through (:meth:`SafetensorsCheckpoint.iter_bytes`): embeddings can be GBs.
 COPY_BUFFER_BYTES = 64 * 1024**2
 _PICKLE_GLOBS = ("pytorch_model*.bin", "*.pt", "*.pth")
+_BLOB_NAME = re.compile(r"^[0-9a-f]{64}$")  # an LFS blob of the Hugging Face cache: the sha256 of its content
 
 __all__ = ["SafetensorsCheckpoint", "TensorSpec"]
 
@@ -87,6 +88,7 @@ class SafetensorsCheckpoint:
         self._handles_lock = threading.Lock()
         self._entries: dict[str, tuple[Path, TensorEntry]] = {}
         self._headers: dict[Path, Header] = {}
+        self._header_sha: dict[Path, str] = {}
 
         index = self.folder / INDEX_NAME
         if index.is_file():
@@ -166,6 +168,7 @@ class SafetensorsCheckpoint:
             raise InputError(f"shard {path} is truncated: {size} bytes, header needs {need}")
         self._fp.update(f"\0shard\0{rel}\0{size}\0".encode())
         self._fp.update(n.to_bytes(8, "little") + raw)
+        self._header_sha[path] = hashlib.sha256(n.to_bytes(8, "little") + raw).hexdigest()
         return header
 
     # -- public API -----------------------------------------------------------------
@@ -206,6 +209,18 @@ class SafetensorsCheckpoint:
     def shard_of(self, name: str) -> Path:
         """Path of the shard file holding `name` (inside the checkpoint folder)."""
         return self._entry(name)[0]
+
+    def shard_identities(self) -> list[dict[str, Any]]:
+        """Per shard: name, size, sha256 of its header (length prefix + JSON) and, when the file is a Hugging Face
+        cache blob (named by the sha256 of its content), that content hash; otherwise None (never computed here:
+        that would read the whole checkpoint)."""
+        out = []
+        for path in self.files:
+            real = path.resolve()
+            content = real.name if _BLOB_NAME.match(real.name) and real.parent.name == "blobs" else None
+            out.append({"file": path.name, "size": path.stat().st_size, "header_sha256": self._header_sha[path],
+                        "content_sha256": content})
+        return out
 
     def fingerprint(self) -> str:
         """sha256 hex over the index bytes and every shard's name, size and header bytes.

@@ -41,6 +41,7 @@ __all__ = [
     "guard_write",
     "sha256_file",
     "copy_file_hashed",
+    "copy_file_sized",
     "write_file_atomic",
 ]
 
@@ -120,6 +121,7 @@ class ShardedWriter:
         self._done = {self.files.index(f) for f in self.hashes}
         self._on_shard = on_shard
         self._closed = False
+        self.sizes: dict[str, int] = {}  # file -> bytes, known once closed (the shards' planned sizes, the index)
 
     @property
     def total_size(self) -> int:
@@ -255,6 +257,7 @@ class ShardedWriter:
 
         guard_write(path, write_index)
         self.hashes[INDEX_NAME] = hashlib.sha256(data).hexdigest()
+        self.sizes = {**self.shard_sizes(), INDEX_NAME: len(data)}
         self._closed = True
         return {f: self.hashes[f] for f in [*self.files, INDEX_NAME]}
 
@@ -334,22 +337,34 @@ def write_file_atomic(path: Path, data: bytes) -> None:
 
 def copy_file_hashed(src: Path, dst: Path) -> str:
     """Copy src to dst in 1 MiB chunks (fsynced) and return the sha256 hex of the bytes."""
-    h = hashlib.sha256()
+    return copy_file_sized(src, dst)[0]
+
+
+def copy_file_sized(src: Path, dst: Path) -> tuple[str, int]:
+    """Copy src to dst in 1 MiB chunks (fsynced); return (sha256 hex, bytes copied)."""
     try:
         fin = open(src, "rb")
     except OSError as exc:
         raise InputError(f"cannot read {src}: {exc.strerror or exc}") from None
     with fin:
-        fout = guard_write(Path(dst), lambda: open(dst, "wb"))
-        with fout:
-            while True:
-                try:
-                    chunk = fin.read(CHUNK)
-                except OSError as exc:
-                    raise InputError(f"cannot read {src}: {exc.strerror or exc}") from None
-                if not chunk:
-                    break
-                guard_write(Path(dst), lambda: fout.write(chunk))
-                h.update(chunk)
-            guard_write(Path(dst), lambda: (fout.flush(), os.fsync(fout.fileno())))
-    return h.hexdigest()
+        return copy_stream_sized(fin, src, dst)
+
+
+def copy_stream_sized(fin: BinaryIO, src: Path, dst: Path) -> tuple[str, int]:
+    """Copy the open file ``fin`` (named ``src`` in errors) to dst; return (sha256 hex, bytes copied)."""
+    h = hashlib.sha256()
+    size = 0
+    fout = guard_write(Path(dst), lambda: open(dst, "wb"))
+    with fout:
+        while True:
+            try:
+                chunk = fin.read(CHUNK)
+            except OSError as exc:
+                raise InputError(f"cannot read {src}: {exc.strerror or exc}") from None
+            if not chunk:
+                break
+            guard_write(Path(dst), lambda: fout.write(chunk))
+            h.update(chunk)
+            size += len(chunk)
+        guard_write(Path(dst), lambda: (fout.flush(), os.fsync(fout.fileno())))
+    return h.hexdigest(), size

@@ -82,3 +82,22 @@ class GQLAGeometry:
         if replicate_rope:
             return self.n_groups * (self.d_nope + self.d_rope + self.d_v)
         return self.n_groups * (self.d_nope + self.d_v) + self.d_rope
+
+
+def geometry_problems(cfg: dict[str, Any]) -> list[str]:
+    """Why the runtime could not be built from a GQLA config that passes the format contract (empty when it
+    can): the family record, the norms' eps, the activation, the RoPE frequencies (bad scaling parameters)."""
+    from .block import ACTIVATIONS
+
+    try:
+        geo = GQLAGeometry.from_config(cfg)
+    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError) as exc:
+        return [f"the layer geometry cannot be built from config.json ({type(exc).__name__}: {exc})"[:300]]
+    p = []
+    if geo.block.activation not in ACTIVATIONS:
+        p.append(f"activation {geo.block.activation!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
+    if not (math.isfinite(geo.block.eps) and geo.block.eps > 0):
+        p.append(f"rms_norm_eps must be a finite positive number, got {geo.block.eps!r}")
+    if not bool(torch.isfinite(geo.freqs).all()) or bool((geo.freqs <= 0).any()):
+        p.append("the RoPE frequencies (rope_theta and its scaling) are not all finite and positive")
+    return p

@@ -4,13 +4,16 @@ Why one: calibration, ``eval-ppl``, ``verify`` and the export check all turn tex
 reader, one tokenizer rule and one windowing rule the same file gives the same tokens, and so the same
 perplexity, in every command (tests/test_verify.py compares ``verify --text`` with ``eval-ppl``).
 
-* **Sources** (:func:`read_sources`): files (plain text; ``.jsonl`` / ``.ndjson``: each line's ``text``) or
-  ``builtin:NAME`` (:mod:`.builtin`), joined by a blank line. ``hf:`` datasets and ``self`` are calibration's
+* **Sources** (:func:`source_parts`): files (plain text; ``.jsonl`` / ``.ndjson``: each line's ``text``) or
+  ``builtin:NAME`` (:mod:`.builtin`), joined by a blank line; files are regular UTF-8 text, judged on their
+  first bytes and streamed (:mod:`.reading`). ``hf:`` datasets and ``self`` are calibration's
   (:mod:`transgqla.calib.sources`), which hands their text to the same windowing.
 * **Tokens** (:func:`encode`): the model folder's ``tokenizer.json`` through the ``tokenizers`` package,
   **without special tokens** (no BOS), as one stream; ids outside the model's vocabulary are an error.
-* **Windows** (:func:`token_windows`): the stream cut into non-overlapping windows of ``seqlen`` tokens
-  from its first token; a short tail is dropped. Each window is scored on its own.
+* **Windows** (:func:`source_windows`, :func:`token_windows`): the text tokenized a chunk of about a million
+  characters at a time (cut after a newline; a shorter text whole) until the token budget is met, the stream
+  cut into non-overlapping windows of ``seqlen`` tokens from its first token; a short tail is dropped. Each
+  window is scored on its own.
 * **Prompts**: :data:`PROMPT` (path equivalence, reference decoding, the export check) when the
   checkpoint has a tokenizer, else :func:`fixed_ids`.
 """
@@ -18,12 +21,14 @@ perplexity, in every command (tests/test_verify.py compares ``verify --text`` wi
 from __future__ import annotations
 
 import hashlib
-import json
+from array import array
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 
 from ..errors import InputError, TransGQLAError
+from .reading import check_text_file, chunks, file_parts, joined
 
 BUILTIN = "builtin:"
 #: Prompt for real-token hidden states (path equivalence), reference decoding and the export check.
@@ -43,48 +48,37 @@ BUILTIN_TEXT_CHARS = 12_000  # the start of builtin:eval that verify scores when
 # -- sources ----------------------------------------------------------------------------------------
 
 
-def read_sources(sources: list[str]) -> str:
-    """Concatenate the texts of ``sources`` (paths or ``builtin:NAME``), separated by blank lines."""
-    parts = []
+def source_parts(sources: list[str], flag: str = "--text") -> Iterator[Iterator[str]]:
+    """The parts of ``sources`` (paths or ``builtin:NAME``), each an iterator of text pieces, files read in
+    bounded memory (:mod:`.reading`: regular text files only, judged on their first bytes)."""
     for src in sources:
         if src.startswith(BUILTIN):
             from .builtin import builtin_text
 
-            parts.append(builtin_text(src[len(BUILTIN):]))
-            continue
-        path = Path(src)
-        if not path.is_file():
-            raise InputError(f"text file {src} does not exist")
-        raw = path.read_text(encoding="utf-8", errors="replace")
-        if path.suffix in (".jsonl", ".ndjson"):
-            for n, line in enumerate(raw.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    parts.append(str(json.loads(line)["text"]))
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise InputError(f"{src}:{n}: expected a JSON object with a 'text' field") from None
+            yield iter((builtin_text(src[len(BUILTIN):]),))
         else:
-            parts.append(raw)
-    text = "\n\n".join(p for p in parts if p.strip())
+            yield from file_parts(Path(src), flag)
+
+
+def check_sources(sources: list[str], flag: str = "--text") -> None:
+    """Refuse a missing, special, binary or empty file among ``sources`` before any work (one line)."""
+    for src in sources:
+        if not src.startswith(BUILTIN):
+            check_text_file(src, flag)
+
+
+def read_sources(sources: list[str], flag: str = "--text") -> str:
+    """The texts of ``sources`` joined by blank lines, whole (for the built-in texts and small files; the
+    commands stream instead: :func:`source_windows`)."""
+    text = "".join(joined(source_parts(sources, flag)))
     if not text:
         raise InputError(f"no text found in {', '.join(sources)}")
     return text
 
 
-def read_text_flag(path: str | Path, flag: str = "--text") -> str:
-    """One ``--text`` value read as :func:`read_sources` reads it, with one-line errors that name the flag
-    (missing, not UTF-8, empty) checked before any work."""
-    if not str(path).startswith(BUILTIN):
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise InputError(f"{flag} {path} does not exist") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"{flag} {path} cannot be read as UTF-8 text: {exc}".splitlines()[0]) from None
-        if not text.strip():
-            raise InputError(f"{flag} {path} is empty")
-    return read_sources([str(path)])
+def read_text_flag(path: str | Path, flag: str = "--text") -> None:
+    """Check one ``--text`` value before any work: missing, special, not UTF-8 or empty is a one-line error."""
+    check_sources([str(path)], flag)
 
 
 def builtin_eval_text() -> tuple[str, str]:
@@ -152,18 +146,46 @@ def fixed_ids(n: int, vocab: int, seed: int = 1234) -> list[int]:
 # -- windows ----------------------------------------------------------------------------------------
 
 
+def stream_ids(pieces: Iterable[str], tokenizer, max_tokens: int | None = None,
+               vocab: int | None = None) -> torch.Tensor:
+    """Token ids (int64) of the concatenated ``pieces``, tokenized chunk by chunk (:func:`.reading.chunks`)
+    and no further than ``max_tokens``: memory holds one chunk and the ids kept, whatever the text's size."""
+    ids = array("q")
+    for chunk in chunks(pieces):
+        ids.extend(encode(tokenizer, chunk, vocab))
+        if max_tokens is not None and len(ids) >= max_tokens:
+            del ids[max_tokens:]
+            break
+    return torch.tensor(ids, dtype=torch.int64) if ids else torch.empty(0, dtype=torch.int64)
+
+
+def ids_windows(ids: torch.Tensor, seqlen: int) -> torch.Tensor:
+    """Non-overlapping windows ``[n, seqlen]`` of a token stream (a short tail dropped)."""
+    n = ids.numel() // seqlen
+    if n == 0:
+        raise InputError(f"text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    return ids[: n * seqlen].view(n, seqlen)
+
+
 def token_windows(text: str, tokenizer, seqlen: int, max_tokens: int | None = None,
                   vocab: int | None = None) -> torch.Tensor:
     """Non-overlapping windows ``[n, seqlen]`` (int64) of the token stream, at most ``max_tokens`` tokens."""
     if seqlen < 2:
         raise InputError(f"sequence length must be at least 2, got {seqlen}")
-    ids = encode(tokenizer, text, vocab)
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
-    n = len(ids) // seqlen
-    if n == 0:
-        raise InputError(f"text has {len(ids)} tokens, fewer than one window of {seqlen}")
-    return torch.tensor(ids[: n * seqlen], dtype=torch.int64).view(n, seqlen)
+    return ids_windows(stream_ids((text,), tokenizer, max_tokens, vocab), seqlen)
+
+
+def source_windows(sources: list[str], tokenizer, seqlen: int, max_tokens: int | None = None,
+                   vocab: int | None = None, flag: str = "--text") -> torch.Tensor:
+    """:func:`token_windows` of ``sources`` joined by blank lines, read and tokenized in chunks until
+    ``max_tokens`` is met (bounded memory in the files' size)."""
+    if seqlen < 2:
+        raise InputError(f"sequence length must be at least 2, got {seqlen}")
+    check_sources(sources, flag)
+    ids = stream_ids(joined(source_parts(sources, flag)), tokenizer, max_tokens, vocab)
+    if ids.numel() == 0:
+        raise InputError(f"no text found in {', '.join(sources)}")
+    return ids_windows(ids, seqlen)
 
 
 def windows_record(windows: torch.Tensor, sources: list[str]) -> dict:

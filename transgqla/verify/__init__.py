@@ -25,7 +25,7 @@ from .. import devices
 from ..errors import InputError
 from ..model.decoder import GQLADecoder
 from ..model.layerwise import LayerwiseModel
-from ..text.pipeline import builtin_eval_text, encode, find_tokenizer, fixed_ids, read_text_flag, token_windows
+from ..text.pipeline import builtin_eval_text, encode, find_tokenizer, fixed_ids, read_text_flag, source_windows
 from .decode import check_decode
 from .engines import stock_export
 from .fidelity import (
@@ -47,6 +47,7 @@ __all__ = ["SECTIONS", "Check", "FidelityBounds", "VerifyReport", "run_verify"]
 
 DEFAULT_TOKENS = 32
 DEFAULT_SEQLEN = 512
+DEFAULT_TEXT_TOKENS = 1 << 17  # --text is scored on at most this many tokens (256 windows of 512)
 BUILTIN_WINDOWS = 2  # windows of the built-in text scored when no --text is given
 _SKIP_NAMES = {"paths": "paths.equivalence", "fidelity": "fidelity.source", "decode": "decode.tokens"}
 
@@ -62,10 +63,11 @@ def _sections(checks: Iterable[str] | None) -> list[str]:
     return [s for s in SECTIONS if s in wanted]
 
 
-def _fidelity_text(tokenizer, text: Path | None, seqlen: int, vocab: int):
+def _fidelity_text(tokenizer, text: Path | None, seqlen: int, vocab: int, max_tokens: int | None):
     """(windows, description, real text?) for the fidelity section."""
-    if text is not None:
-        wins, how, real = list(token_windows(read_text_flag(text), tokenizer, seqlen, vocab=vocab)), f"{text}", True
+    if text is not None:  # read and tokenized in chunks up to max_tokens: bounded in the file's size
+        wins = list(source_windows([str(text)], tokenizer, seqlen, max_tokens, vocab=vocab))
+        how, real = f"{text}", True
     elif tokenizer is not None:
         body, how = builtin_eval_text()
         wins, real = windows(encode(tokenizer, body, vocab), seqlen, BUILTIN_WINDOWS), True
@@ -89,6 +91,7 @@ def run_verify(
     seqlen: int = DEFAULT_SEQLEN,
     path_tol: float | None = None,
     bounds: FidelityBounds | None = None,
+    max_tokens: int | None = DEFAULT_TEXT_TOKENS,
 ) -> VerifyReport:
     """Verify the GQLA checkpoint at ``out``; the report says which checks held.
 
@@ -104,6 +107,8 @@ def run_verify(
         raise InputError(f"--tokens must be at least 1, got {tokens}")
     if seqlen < 2:
         raise InputError(f"--seqlen must be at least 2, got {seqlen}")
+    if max_tokens is not None and max_tokens < seqlen:
+        raise InputError(f"--max-tokens must be at least one window (--seqlen {seqlen}), got {max_tokens}")
     text = Path(text) if text is not None else None
     if text is not None:
         read_text_flag(text)  # fail on a bad path before any work
@@ -111,10 +116,10 @@ def run_verify(
     dev, dt = devices.resolve_device(device), resolve_dtype(dtype)  # the one --device parser
     report = VerifyReport(str(out), info={"device": str(dev), "dtype": dtype, "sections": wanted})
 
-    # a DeepSeek-V3 / MiMo-V2 export: export's check, engine kernels (verify/engines.py)
+    # a DeepSeek-V3 / MiMo-V2 export: the integrity checks, export's check, engine kernels (verify/engines.py)
     if stock_export(out, report, str(dev)):
         return report
-    st = check_structure(out, full="structure" in wanted)
+    st = check_structure(out)  # the integrity checks run whatever --checks says: they gate everything else
     for c in st.checks:
         if "structure" in wanted or c.ok is False:  # failed gates are shown even when not requested
             report.add(c)
@@ -135,7 +140,7 @@ def run_verify(
         if "paths" in wanted:
             report.add(check_paths(model, tokenizer, path_tol))
         if "fidelity" in wanted:
-            _fidelity(report, model, cfg, source, tokenizer, text, seqlen, bounds, dt, dev)
+            _fidelity(report, model, cfg, source, tokenizer, text, seqlen, bounds, dt, dev, max_tokens)
         if "decode" in wanted:
             for c in check_decode(model, tokenizer, tokens):
                 report.add(c)
@@ -146,7 +151,7 @@ def run_verify(
         report.info["seconds"] = round(time.perf_counter() - start, 3)
 
 
-def _fidelity(report, model, cfg, source, tokenizer, text, seqlen, bounds, dt, dev) -> None:
+def _fidelity(report, model, cfg, source, tokenizer, text, seqlen, bounds, dt, dev, max_tokens) -> None:
     ref = find_source(cfg, source)
     if not ref.usable:
         report.info["source"] = None
@@ -156,7 +161,7 @@ def _fidelity(report, model, cfg, source, tokenizer, text, seqlen, bounds, dt, d
     report.info["source"] = str(ref.path)
     src = open_source(ref, cfg, dt, dev)
     try:
-        wins, how, real = _fidelity_text(tokenizer, text, seqlen, int(cfg["vocab_size"]))
+        wins, how, real = _fidelity_text(tokenizer, text, seqlen, int(cfg["vocab_size"]), max_tokens)
         report.info["text"] = how
         path = (cfg.get("gqla") or {}).get("decode_path", "absorb")
         m = measure(src, model, wins, path)

@@ -1,8 +1,9 @@
 """``verify`` on a stock-class export (``export --format deepseek`` or ``--format mimo``).
 
-Such a DST is not a GQLA checkpoint (the structure, paths, fidelity and decode sections do not apply). What
-``verify`` does instead: say what it is, run ``export``'s own reference check again against the OUT it was
-written from (recorded in ``config.json``'s ``transgqla.from``; skipped when that folder is gone), and for a
+Such a DST is not a GQLA checkpoint (the GQLA config, paths, fidelity and decode sections do not apply). What
+``verify`` does instead: say what it is; run the integrity checks that need nothing but DST (no symlinks, index
+and headers, a NaN/Inf scan, the manifest the export wrote; no code files or ``auto_map``); run ``export``'s own
+reference check again against the OUT it was written from (recorded in ``config.json``'s ``transgqla.from``; skipped when that folder is gone), and for a
 DeepSeek export say whether the engines will run it, without a GPU: the MLA decode kernels that accept its
 ``(kv_lora_rank, qk_rope_head_dim, qk_nope_head_dim, v_head_dim)``, vLLM's prefill shape rule
 (:mod:`transgqla.engines`, the one table), and whether the config is the engine form (no biases,
@@ -18,6 +19,7 @@ from pathlib import Path
 from ..engines import MLAShape, advice, decode_support, vllm_prefill_ok
 from ..export.latent_norm import LATENT_NORM_EPS
 from .report import Check, VerifyReport
+from .structure import integrity_checks
 
 
 def _config(out: Path) -> dict | None:
@@ -97,9 +99,30 @@ def reference_recheck(out: Path, cfg: dict, device: str = "cpu") -> Check:
                  "<=")
 
 
+def no_code_check(out: Path, cfg: dict) -> Check:
+    """A stock export loads without remote code: it holds no code file and nothing points at one."""
+    found = sorted(p.name for p in out.iterdir() if p.name.endswith(".py"))
+    tok = _config_file(out / "tokenizer_config.json")
+    found += [f"{name} auto_map" for name, doc in (("config.json", cfg), ("tokenizer_config.json", tok))
+              if isinstance(doc, dict) and "auto_map" in doc]
+    msg = ("code or a pointer to code: " + ", ".join(found)) if found else "no code files, no auto_map"
+    return Check("export.no_code", not found, len(found), 0, msg, "==")
+
+
+def _config_file(path: Path) -> dict | None:
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
 def stock_export(out: Path, report: VerifyReport, device: str = "cpu") -> bool:
-    """When ``out`` is a stock-class export (DeepSeek-V3 or MiMo-V2-Flash), say so, re-run export's check
-    against the OUT it came from when reachable, list the engine kernels (DeepSeek), and return True."""
+    """When ``out`` is a stock-class export (DeepSeek-V3 or MiMo-V2-Flash), say so, run the integrity checks
+    (they need no OUT: the export's manifest and its own tensors), re-run export's check against the OUT it came
+    from when reachable, list the engine kernels (DeepSeek), and return True."""
     start = time.perf_counter()
     cfg = _config(Path(out))
     kind = STOCK_EXPORTS.get(cfg.get("model_type")) if cfg is not None else None
@@ -107,13 +130,23 @@ def stock_export(out: Path, report: VerifyReport, device: str = "cpu") -> bool:
         return False
     name, fmt, _ = kind
     deepseek = cfg["model_type"] == "deepseek_v3"
-    report.info["sections"] = ["export"] + (["engines"] if deepseek else [])
+    report.info["sections"] = ["structure", "export"] + (["engines"] if deepseek else [])
     report.info["export"] = cfg["model_type"]
     origin = (cfg.get("transgqla") or {}).get("from") or "an unrecorded OUT"
     report.add(Check("export.kind", True, cfg["model_type"], None,
                      f"a stock {name} export (transgqla export --format {fmt}) of {origin}, not a GQLA checkpoint: the "
-                     "structure, paths, fidelity and decode sections do not apply; export's own check does"))
-    report.add(reference_recheck(Path(out), cfg, device))
+                     "GQLA sections (config, paths, fidelity, decode) do not apply; the integrity checks and export's "
+                     "own check do"))
+    integ = integrity_checks(Path(out))
+    if integ.checkpoint is not None:
+        integ.checkpoint.close()
+    for check in integ.checks:
+        report.add(check)
+    report.add(no_code_check(Path(out), cfg))
+    if integ.blocker is None:
+        report.add(reference_recheck(Path(out), cfg, device))
+    else:
+        report.add(Check("export.reference", None, message=f"skipped: {integ.blocker} failed"))
     if deepseek:
         for check in engine_checks(cfg):
             report.add(check)

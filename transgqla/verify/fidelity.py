@@ -63,8 +63,8 @@ def find_source(cfg: dict[str, Any], source: str | None) -> SourceRef:
             ref = SourceRef(resolve(recorded["source"], None)[0], f"gqla.source {recorded['source']}")
         except TransGQLAError as exc:
             return SourceRef(None, f"the recorded demo source is not available here ({exc})", usable=False)
-    else:
-        loc = recorded.get("source")
+    else:  # the resolved path convert records (found from any folder), else the path as typed (older outputs)
+        loc = recorded.get("path") if isinstance(recorded.get("path"), str) else recorded.get("source")
         if not (recorded.get("local") and isinstance(loc, str)):
             return SourceRef(None, "no local source recorded in config.json; pass --source SRC", usable=False)
         if not Path(loc).expanduser().is_dir():

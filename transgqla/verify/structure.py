@@ -1,6 +1,8 @@
 """Structure checks: the config against the format contract (:func:`transgqla.format.config_problems`), the
 tensor inventory (names, shapes, float dtypes) derived from that config (attention from the format, the rest
-of the block from the source layout), finiteness of every float tensor, and the manifest's hashes.
+of the block from the source layout), and the integrity checks that run whatever the config says
+(:func:`integrity_checks`: no symlinks, index against headers, finiteness of every float tensor, the
+manifest's sizes and hashes), and the remote code against the copy the installed package ships.
 
 Nothing here loads the model: shapes come from the shard headers, and the finiteness scan reads
 through one 64 MiB buffer.
@@ -15,11 +17,15 @@ from typing import Any
 
 import torch
 
-from ..errors import TransGQLAError
-from ..families import gqla_block
-from ..format import FLOAT_DTYPES, FORMAT_VERSION, MANIFEST, attention_tensors, config_problems
+from .. import __version__, hf_remote
+from ..errors import InputError, TransGQLAError
+from ..format import FLOAT_DTYPES, REMOTE_CODE, config_problems
+from ..integrity import FolderReport, compare_manifest
+from ..inventory import Expected, expected_tensors  # noqa: F401 (re-exported: verify's inventory)
 from ..io import SafetensorsCheckpoint, sha256_file
 from ..io.safetensors_format import to_torch_dtype
+from ..model.geometry import geometry_problems
+from ..source_checkpoint import check_layer_count
 from .report import Check
 
 MAX_LISTED = 5  # problems spelled out in a message; the details carry all of them
@@ -55,33 +61,6 @@ def load_config(out: Path) -> tuple[dict[str, Any] | None, str | None]:
 
 
 # -- tensors --------------------------------------------------------------------------------------
-
-
-@dataclass
-class Expected:
-    required: dict[str, tuple[int, ...]]
-    optional: dict[str, tuple[int, ...]]
-
-
-def expected_tensors(cfg: dict[str, Any]) -> Expected:
-    """Tensor names and shapes a contract-valid config implies (shapes in ``[out, in]`` order)."""
-    D, V, I = cfg["hidden_size"], cfg["vocab_size"], cfg["intermediate_size"]  # noqa: E741 (the paper's names)
-    L = cfg["num_hidden_layers"]
-    block = gqla_block(cfg)  # every weight outside attention, named by the source family's block
-    req: dict[str, tuple[int, ...]] = block.copied_weights(L, V, D, I)
-    opt: dict[str, tuple[int, ...]] = {}
-    if block.tie_embeddings:
-        opt[block.head] = (V, D)
-    mlp_bias = bool(cfg.get("mlp_bias"))
-    attn_required, attn_optional = attention_tensors(cfg)
-    for layer in range(L):
-        pre, att = f"model.layers.{layer}.", f"model.layers.{layer}.self_attn."
-        if mlp_bias:
-            req.update({pre + "mlp.gate_proj.bias": (I,), pre + "mlp.up_proj.bias": (I,),
-                        pre + "mlp.down_proj.bias": (D,)})
-        req.update({att + rel: shape for rel, shape in attn_required.items()})
-        opt.update({att + rel: shape for rel, shape in attn_optional.items()})
-    return Expected(req, opt)
 
 
 def tensor_problems(ckpt: SafetensorsCheckpoint, cfg: dict[str, Any]) -> list[str]:
@@ -149,53 +128,50 @@ def finite_check(ckpt: SafetensorsCheckpoint) -> Check:
     return Check("structure.finite", not bad, count, 0, msg, "==", {"tensors": bad} if bad else {})
 
 
-# -- manifest -------------------------------------------------------------------------------------
+# -- files, manifest, remote code -----------------------------------------------------------------
 
 
-def _present_files(out: Path) -> set[str]:
-    """Regular files under OUT (relative POSIX paths), hidden entries and __pycache__ ignored."""
-    found = set()
-    for path in out.rglob("*"):
-        rel = path.relative_to(out)
-        if any(part.startswith(".") or part == "__pycache__" for part in rel.parts):
-            continue
-        if path.is_file():
-            found.add(rel.as_posix())
-    return found
+def files_check(report: FolderReport) -> Check:
+    """Nothing under the folder is a symlink or a special file (the reader would follow a link)."""
+    bad = report.links + report.special
+    parts = [p for p in report.problems() if p.startswith(("symlinks", "not regular"))]
+    msg = "; ".join(parts) if bad else "no symlinks or special files"
+    return Check("structure.files", not bad, len(bad), 0, msg, "==",
+                 {"links": report.links, "special": report.special} if bad else {})
 
 
-def manifest_check(out: Path) -> Check:
+def manifest_check(report: FolderReport) -> Check:
+    """Every listed file present with its size and sha256, nothing unlisted (:mod:`transgqla.integrity`)."""
     name = "structure.manifest"
-    path = out / MANIFEST
-    if not path.is_file():
-        return Check(name, False, None, None, f"{MANIFEST} is missing: the files cannot be checked")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return Check(name, False, None, None, f"{MANIFEST} is not valid JSON: {exc}".splitlines()[0])
-    files = doc.get("files") if isinstance(doc, dict) else None
-    if not isinstance(files, dict) or doc.get("format_version") != FORMAT_VERSION:
-        why = f"{MANIFEST} must hold format_version {FORMAT_VERSION} and a files object"
-        return Check(name, False, None, None, why)
-    present = _present_files(out) - {MANIFEST}
-    changed, missing = [], []
-    for rel, digest in sorted(files.items()):
-        if rel not in present:
-            missing.append(rel)
-        elif sha256_file(out / rel) != digest:
-            changed.append(rel)
-    extra = sorted(present - set(files))
-    parts = []
-    if changed:
-        parts.append("sha256 differs: " + ", ".join(changed))
-    if missing:
-        parts.append("missing: " + ", ".join(missing))
-    if extra:
-        parts.append("not in the manifest: " + ", ".join(extra))
-    bad = len(changed) + len(missing) + len(extra)
-    msg = "; ".join(parts) if parts else f"{len(files)} files, every sha256 matches"
-    details = {"changed": changed, "missing": missing, "extra": extra} if bad else {"files": len(files)}
+    if report.error:
+        return Check(name, False, None, None, report.error)
+    bad = len(report.changed) + len(report.missing) + len(report.extra)
+    parts = [p for p in report.problems() if not p.startswith(("symlinks", "not regular"))]
+    msg = "; ".join(parts) if bad else f"{report.files} files, every sha256 matches"
+    details = ({"changed": report.changed, "missing": report.missing, "extra": report.extra} if bad
+               else {"files": report.files})
     return Check(name, bad == 0, bad, 0, msg, "==", details)
+
+
+def remote_code_check(out: Path, cfg: dict[str, Any] | None) -> Check:
+    """OUT's remote code (what ``trust_remote_code=True`` runs) is byte for byte the copy this transgqla ships."""
+    shipped = Path(hf_remote.__file__).parent
+    gq = (cfg or {}).get("gqla") if isinstance((cfg or {}).get("gqla"), dict) else {}
+    conv = gq.get("conversion") if isinstance(gq.get("conversion"), dict) else {}
+    writer = conv.get("tool_version", "an unknown version")
+    bad = []
+    for code in REMOTE_CODE:
+        path = out / code
+        if path.is_symlink() or not path.is_file():
+            bad.append(f"{code} is missing")
+        elif sha256_file(path) != sha256_file(shipped / code):
+            bad.append(f"{code} differs")
+    if bad:
+        msg = (f"{'; '.join(bad)} from the copy transgqla {__version__} ships (OUT was written by transgqla "
+               f"{writer}): the code trust_remote_code=True would run is not transgqla's")
+        return Check("structure.remote_code", False, len(bad), 0, msg, "==", {"written_by": writer})
+    return Check("structure.remote_code", True, 0, 0,
+                 f"{', '.join(REMOTE_CODE)} are the copies transgqla {__version__} ships", "==")
 
 
 # -- all together ---------------------------------------------------------------------------------
@@ -215,38 +191,73 @@ class Structure:
         return self.blocker is None
 
 
-def check_structure(out: Path, full: bool = True) -> Structure:
-    """Config, shards, tensors (cheap: headers only); with ``full`` also finiteness and manifest."""
-    checks: list[Check] = []
-    blocker = None
+@dataclass
+class Integrity:
+    """The checks no config can switch off (:func:`integrity_checks`), and the shards they opened."""
+
+    files: Check
+    shards: Check
+    finite: Check
+    manifest: Check
+    checkpoint: SafetensorsCheckpoint | None
+    blocker: str | None
+
+    @property
+    def checks(self) -> list[Check]:
+        return [self.files, self.shards, self.finite, self.manifest]
+
+
+def integrity_checks(out: Path) -> Integrity:
+    """Whatever the config says (a GQLA checkpoint, a stock export, an edited ``model_type``): no symlink under
+    ``out``, the index against the shard headers, a NaN/Inf scan of every float tensor, and the manifest's sizes
+    and hashes. The shards are not opened when a link is there (the reader would follow it)."""
+    report = compare_manifest(out)
+    files = files_check(report)
+    blocker = None if files.ok else "structure.files"
+    ckpt = None
+    if not files.ok:
+        shards = Check("structure.shards", None, message="skipped: symlinks or special files under the folder")
+    else:
+        try:
+            ckpt = SafetensorsCheckpoint(out)
+        except TransGQLAError as exc:
+            shards = Check("structure.shards", False, None, None, str(exc))
+            blocker = "structure.shards"
+        else:
+            idx = index_problems(ckpt, out)
+            n_shards = len({ckpt.shard_of(n) for n in ckpt.names})
+            shards = _problem_check("structure.shards", idx, f"index and {n_shards} shard header(s) agree")
+    finite = finite_check(ckpt) if ckpt is not None else Check(
+        "structure.finite", None, message="skipped: the shards cannot be read")
+    return Integrity(files, shards, finite, manifest_check(report), ckpt, blocker)
+
+
+def check_structure(out: Path) -> Structure:
+    """The config against the format contract, the integrity checks, the tensor inventory (headers only) and
+    the remote code against the installed package's."""
     cfg, why = load_config(out)
     problems = [why] if why else config_problems(cfg)
-    checks.append(_problem_check("structure.config", problems, "matches the format contract (v1)"))
-    if problems:
-        blocker = "structure.config"
-    ckpt = None
-    try:
-        ckpt = SafetensorsCheckpoint(out)
-    except TransGQLAError as exc:
-        checks.append(Check("structure.shards", False, None, None, str(exc)))
-        blocker = blocker or "structure.shards"
-        checks.append(Check("structure.tensors", None, message="skipped: the shards cannot be read"))
-        if full:
-            checks.append(Check("structure.finite", None, message="skipped: the shards cannot be read"))
+    if not problems:  # what the runtime builds from it: the family record, eps, activation, RoPE
+        problems = geometry_problems(cfg)
+    config = _problem_check("structure.config", problems, "matches the format contract (v1)")
+    blocker = "structure.config" if problems else None
+    integ = integrity_checks(out)
+    blocker = blocker or integ.blocker
+    ckpt = integ.checkpoint
+    if ckpt is None:
+        tensors = Check("structure.tensors", None, message="skipped: the shards cannot be read")
+    elif problems:
+        tensors = Check("structure.tensors", None, message="skipped: the config is not usable")
     else:
-        idx = index_problems(ckpt, out)
-        n_shards = len({ckpt.shard_of(n) for n in ckpt.names})
-        checks.append(_problem_check("structure.shards", idx, f"index and {n_shards} shard header(s) agree"))
-        if cfg is not None and not problems:
+        try:  # before the inventory builds anything per layer
+            check_layer_count(cfg, ckpt.names, "")
             tp = tensor_problems(ckpt, cfg)
-            good = f"{len(ckpt.names)} tensors, shapes and dtypes as the config implies"
-            checks.append(_problem_check("structure.tensors", tp, good))
-            if tp:
-                blocker = blocker or "structure.tensors"
-        else:
-            checks.append(Check("structure.tensors", None, message="skipped: the config is not usable"))
-        if full:
-            checks.append(finite_check(ckpt))
-    if full:
-        checks.append(manifest_check(out))
+        except InputError as exc:
+            tp = [str(exc).removeprefix(": ")]
+        tensors = _problem_check("structure.tensors", tp,
+                                 f"{len(ckpt.names)} tensors, shapes and dtypes as the config implies")
+        if tp:
+            blocker = blocker or "structure.tensors"
+    checks = [config, integ.files, integ.shards, tensors, integ.finite, integ.manifest,
+              remote_code_check(out, cfg)]
     return Structure(cfg, ckpt, checks, blocker)
